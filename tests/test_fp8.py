@@ -1,0 +1,172 @@
+"""FP8 numerics against a float64 reference, bounded by what e4m3 can represent."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layerscan.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    Fp8Linear,
+    apply_fp8_weight_storage,
+    fp8_linear,
+    has_fp8_weight_storage,
+    per_tensor_scale,
+    quantize_activation,
+    quantize_per_tensor,
+    remove_fp8_weight_storage,
+)
+
+# e4m3 has 3 mantissa bits: round-to-nearest relative error is at most 2**-4 for normal values.
+E4M3_REL = 2.0 ** -4
+E4M3_MIN_NORMAL = 2.0 ** -6
+
+
+def test_e4m3_constants_match_torch():
+    assert FP8_MAX == 448.0
+    assert float(torch.tensor(1000.0).to(FP8_DTYPE).float().clamp(max=1e9)) != 1000.0
+
+
+def test_weight_scale_is_amax_over_448_and_storage_is_float8():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, dtype=torch.bfloat16) * 3
+    q, scale = quantize_per_tensor(w)
+    assert q.dtype == FP8_DTYPE
+    assert scale.dtype == torch.float32 and scale.numel() == 1
+    assert torch.isclose(scale, w.float().abs().max() / 448.0)
+    # The largest weight lands exactly on the e4m3 maximum.
+    assert q.float().abs().max().item() == 448.0
+
+
+def test_dequantized_weight_error_within_e4m3_bound():
+    torch.manual_seed(1)
+    w = torch.randn(128, 64, dtype=torch.float64)
+    q, scale = quantize_per_tensor(w)
+    deq = q.double() * scale.double()
+    normal = (w.abs() / scale.double()) >= E4M3_MIN_NORMAL
+    rel = ((deq - w).abs() / w.abs())[normal]
+    assert rel.max().item() <= E4M3_REL + 1e-12
+    # Subnormals: absolute error at most half the subnormal step (2**-10) times the scale.
+    assert ((deq - w).abs()[~normal] <= 2.0 ** -10 * scale.double() + 1e-15).all()
+
+
+def test_fused_shards_share_one_scale():
+    a, b = torch.randn(8, 8), torch.randn(8, 8) * 10
+    assert torch.isclose(per_tensor_scale(a, b), b.abs().max() / 448.0)
+
+
+def test_per_token_activation_scales():
+    x = torch.tensor([[1.0, -2.0, 0.5], [100.0, 3.0, -4.0], [0.0, 0.0, 0.0]])
+    q, s = quantize_activation(x, "token")
+    assert s.shape == (3, 1)
+    assert torch.allclose(s[:2, 0], torch.tensor([2.0 / 448, 100.0 / 448]))
+    assert s[2, 0] > 0  # an all-zero row still gets a usable scale
+    _, st = quantize_activation(x, "tensor")
+    assert torch.allclose(st, torch.full((3, 1), 100.0 / 448))
+
+
+def _reference(x, w, b):
+    """float64 result of the exact same quantization: isolates the matmul from quant error."""
+    return x.double() @ w.double().t() + (b.double() if b is not None else 0)
+
+
+def test_fp8_linear_against_float64_reference():
+    torch.manual_seed(2)
+    x = torch.randn(4, 5, 48, dtype=torch.bfloat16)
+    w = torch.randn(32, 48, dtype=torch.bfloat16)
+    b = torch.randn(32, dtype=torch.bfloat16)
+    wq, ws = quantize_per_tensor(w)
+    out = fp8_linear(x, wq, ws, b, "token")
+    assert out.dtype == torch.bfloat16 and out.shape == (4, 5, 32)
+    exact = _reference(x, w, b)
+    # Each operand carries at most 2**-4 relative error (e4m3), so per product term the error is
+    # bounded by ~2*2**-4 of |x||w|; sum those magnitudes for the bound, plus bf16 output rounding.
+    bound = 2.2 * E4M3_REL * (x.double().abs() @ w.double().abs().t()) + 2 ** -7 * exact.abs() + 1e-3
+    assert ((out.double() - exact).abs() <= bound).all()
+    # And the FP8 result is a genuinely different (quantized) computation, not a BF16 matmul.
+    assert not torch.equal(out, torch.nn.functional.linear(x, w, b))
+
+
+def test_fp8_linear_matches_dequantized_math_closely():
+    torch.manual_seed(3)
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    wq, ws = quantize_per_tensor(w)
+    xq, xs = quantize_activation(x, "token")
+    expected = (xq.double() * xs.double()) @ (wq.double() * ws.double()).t()
+    out = fp8_linear(x, wq, ws, None, "token")
+    # Only FP32 accumulation and the final bf16 rounding separate the two.
+    assert torch.allclose(out.double(), expected, rtol=2 ** -7, atol=1e-3)
+
+
+def test_fp8_linear_module_switches_and_keeps_bf16_bit_exact():
+    torch.manual_seed(4)
+    lin = nn.Linear(32, 16).to(torch.bfloat16)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    before = lin(x)
+    Fp8Linear.convert(lin)
+    Fp8Linear.convert(lin)  # idempotent
+    assert isinstance(lin, Fp8Linear) and lin.weight_fp8.dtype == FP8_DTYPE
+    assert set(dict(lin.state_dict())) == {"weight", "bias"}  # names unchanged
+    assert torch.equal(lin(x), before)
+    lin.fp8_enabled = True
+    assert not torch.equal(lin(x), before)
+    lin.fp8_enabled = False
+    assert torch.equal(lin(x), before)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.conv3 = nn.Conv3d(2, 4, 1)
+        self.norm = nn.LayerNorm(16)
+
+
+def test_weight_storage_hooks_fp8_at_rest_bf16_in_forward_and_reversible():
+    torch.manual_seed(5)
+    model = _Tiny().to(torch.bfloat16)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    img = torch.randn(1, 3, 8, 8, dtype=torch.bfloat16)
+    ref = model.lin(x)
+    bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    assert apply_fp8_weight_storage(model) == 3
+    assert apply_fp8_weight_storage(model) == 0  # idempotent
+    assert has_fp8_weight_storage(model)
+    for m in (model.lin, model.conv, model.conv3):
+        assert m.weight.dtype == FP8_DTYPE  # at rest
+    assert model.norm.weight.dtype == torch.bfloat16
+    seen = {}
+    model.lin.register_forward_pre_hook(lambda m, a: seen.update(dtype=m.weight.dtype))
+    out = model.lin(x)
+    assert seen["dtype"] == torch.bfloat16  # dequantized for compute (hook order: ours first)
+    assert model.lin.weight.dtype == FP8_DTYPE  # and back to FP8 afterwards
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref.float(), atol=0.15, rtol=0.1)
+    assert model.conv(img).dtype == torch.bfloat16
+    bytes_fp8 = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(m.weight.numel() for m in (model.lin, model.conv, model.conv3))
+    assert bytes_before - bytes_fp8 == weights  # one byte saved per stored weight
+
+    assert remove_fp8_weight_storage(model) == 3
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, originals[n])
+    assert torch.equal(model.lin(x), ref)
+
+
+def test_weight_storage_keeps_model_dtype_reporting_compute_dtype():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",)).to(torch.bfloat16)
+    apply_fp8_weight_storage(vae)
+    assert vae.dtype == torch.bfloat16  # pipelines cast latents to vae.dtype
+    out = vae.decode(torch.randn(1, 4, 4, 4, dtype=torch.bfloat16)).sample
+    assert torch.isfinite(out.float()).all()
+    remove_fp8_weight_storage(vae)
+    assert type(vae) is AutoencoderKL
