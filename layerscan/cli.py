@@ -1,0 +1,232 @@
+"""The ``layerscan`` command: parse, call, print.  User mistakes end in one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from layerscan.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _add_study_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override study fields; None means "not given" so the study file wins."""
+    p.add_argument("--model", help="hub id (org/Model), pipeline directory or built-in tiny name")
+    p.add_argument("--study", help="study TOML file (or the name of one in studies/)")
+    p.add_argument("--revision", help="hub revision of the model")
+    p.add_argument("--prompts", help="prompt file, one prompt per line")
+    p.add_argument("--seeds", type=_ints, help="comma-separated seeds, e.g. 0,1")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--metrics", type=_csv, help="comma-separated: lpips,ssim,psnr")
+    p.add_argument("--lpips-net", dest="lpips_net", choices=["alex", "vgg"])
+    p.add_argument("--activation-scheme", dest="activation_scheme", choices=["token", "tensor"],
+                   help="dynamic FP8 activation scale per token (vLLM-Omni default) or per tensor")
+    p.add_argument("--profile", help="architecture profile (default: chosen from the DiT class)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--cache-dir", dest="cache_dir", type=Path,
+                   help="baseline and tiny-pipeline cache (default: $LAYERSCAN_CACHE or ~/.cache/layerscan)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow code shipped with the model repository to run")
+    p.add_argument("--allow-missing-lpips", action="store_true",
+                   help="continue without LPIPS when its backbone weights are not available")
+
+
+STUDY_FIELDS = ("model", "revision", "prompts", "seeds", "steps", "height", "width", "guidance",
+                "metrics", "lpips_net", "activation_scheme", "profile", "name", "granularity",
+                "strategy", "max_trials", "timeout_s", "storage", "criterion_metric",
+                "criterion_mean", "criterion_worst")
+
+
+def _study(args: argparse.Namespace, **extra):
+    from layerscan.study import build_study, find_study_for_model, load_study
+
+    study_path = args.study or (args.model and find_study_for_model(args.model))
+    values = load_study(study_path) if study_path else {}
+    if study_path and not args.study:
+        print(f"using study {study_path}", file=sys.stderr)
+    values.update({k: getattr(args, k) for k in STUDY_FIELDS if getattr(args, k, None) is not None})
+    values.update({k: v for k, v in extra.items() if v is not None})
+    return build_study(values)
+
+
+def _session(args, study):
+    from layerscan.session import open_session
+
+    return open_session(study, args.device, args.cache_dir, args.trust_remote_code,
+                        args.allow_missing_lpips, warn=lambda m: print(m, file=sys.stderr))
+
+
+def cmd_layers(args) -> int:
+    from layerscan.pipeline import load_pipeline
+
+    loaded = load_pipeline(args.model, "cpu", trust_remote_code=args.trust_remote_code,
+                           profile=args.profile)
+    groups = loaded.index.groups(args.granularity)
+    total = loaded.index.total_params
+    if args.json:
+        print(json.dumps([dict(pattern=g.pattern, layers=len(g.layers), params=g.params,
+                               share=g.params / total) for g in groups], indent=1))
+        return 0
+    print(f"{args.model}: profile {loaded.profile.name}, {len(loaded.index.layers)} quantizable "
+          f"layers, {loaded.index.quantizable_params:,} of {total:,} DiT parameters")
+    width = max([len(g.pattern) for g in groups] + [7])
+    print(f"{'pattern':<{width}}  {'layers':>6}  {'params':>14}  {'share':>7}")
+    for g in groups:
+        print(f"{g.pattern:<{width}}  {len(g.layers):>6}  {g.params:>14,}  {100 * g.params / total:>6.2f}%")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from layerscan.evaluate import evaluate
+    from layerscan.report.plots import format_bytes
+
+    study = _study(args)
+    session = _session(args, study)
+    config = None if args.bf16 else list(args.ignore or [])
+    if config:
+        session.loaded.index.validate(config)
+    out = args.out or Path("reports") / study.slug / "eval"
+    record = evaluate(session.engine, config, session.spec, session.baseline, session.scorer,
+                      study.criterion, image_dir=out / "images")
+    print(f"configuration: {record.label}   device: {record.device}   status: {record.status}")
+    if record.status == "failed":
+        raise UserError(f"evaluation failed: {record.error}")
+    print(f"{'metric':<8} {'mean':>10} {'worst':>10}")
+    for metric in session.metrics:
+        print(f"{metric:<8} {record.mean[metric]:>10.4f} {record.worst[metric]:>10.4f}")
+    print(f"criterion ({study.criterion.describe()}): {'pass' if record.passes else 'FAIL'}")
+    for component, size in record.weight_bytes.items():
+        print(f"weights {component:<14} {format_bytes(size):>12}")
+    print(f"weights {'total':<14} {format_bytes(record.total_weight_bytes):>12}")
+    if record.peak_memory_bytes is not None:
+        print(f"peak GPU memory        {format_bytes(record.peak_memory_bytes):>12}")
+    print(f"seconds per image      {record.seconds_per_image:>12.3f} ({record.execution_mode})")
+    (out / "eval.json").write_text(json.dumps(record.to_dict(), indent=1))
+    print(f"images and eval.json in {out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from layerscan.report.document import write_report
+    from layerscan.runner import run_study
+
+    study = _study(args)
+    out = args.out or Path("reports") / study.slug
+    session = _session(args, study)
+    outcome = run_study(session, out, study.strategy)
+    path = write_report(session, outcome, out)
+    rec = outcome.recommended
+    answer = "no configuration met the criterion" if rec is None else \
+        json.dumps({"method": "fp8", "ignored_layers": list(rec.config)})
+    print(f"recommended quantization_config: {answer}")
+    print(f"{sum(r.config is not None for r in outcome.records)} configurations on record "
+          f"({outcome.new_evaluations} evaluated now); report: {path}")
+    if outcome.stop_reason == "interrupted":
+        print("interrupted: everything finished so far is kept; rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_table(args) -> int:
+    from layerscan.report.table import read_rows, render_table, update_docs_table
+
+    rows = read_rows(args.reports)
+    if args.update:
+        for row, action in zip(rows, update_docs_table(args.update, rows)):
+            print(f"{action}: {row.strip()}")
+    else:
+        print(render_table(rows), end="")
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from layerscan.tiny import build_tiny_pipeline
+
+    print(build_tiny_pipeline(args.name, args.out, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerscan", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("layers", help="list the DiT's quantizable layer groups")
+    p.add_argument("--model", required=True)
+    p.add_argument("--granularity", default="family", choices=["family", "block", "module"])
+    p.add_argument("--profile")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("eval", help="evaluate one configuration against BF16")
+    _add_study_flags(p)
+    p.add_argument("--ignore", action="append", metavar="PATTERN",
+                   help="keep layers matching PATTERN in BF16 (repeatable)")
+    p.add_argument("--bf16", action="store_true", help="evaluate BF16 itself (a sanity check)")
+    p.add_argument("--out", type=Path, help="where images and eval.json go")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="search ignored_layers and write the report")
+    _add_study_flags(p)
+    p.add_argument("--name", help="display name of the model in the table row")
+    p.add_argument("--granularity", choices=["family", "block", "module"])
+    p.add_argument("--strategy", choices=["greedy", "optuna", "exhaustive"])
+    p.add_argument("--max-trials", dest="max_trials", type=int)
+    p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds")
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output directory)")
+    p.add_argument("--criterion-metric", dest="criterion_metric", choices=["lpips", "ssim", "psnr"])
+    p.add_argument("--criterion-mean", dest="criterion_mean", type=float)
+    p.add_argument("--criterion-worst", dest="criterion_worst", type=float)
+    p.add_argument("--out", type=Path, help="report directory (default: reports/<model-slug>)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("table", help="print the supported-models table from report directories")
+    p.add_argument("reports", nargs="+", type=Path)
+    p.add_argument("--update", type=Path, help="replace or insert the rows in this docs file")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("tiny", help="write a built-in tiny pipeline to a directory")
+    p.add_argument("name", help="tiny-qwen-image or tiny-flux")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "cache_dir", None):
+        import os
+
+        os.environ["LAYERSCAN_CACHE"] = str(args.cache_dir)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"layerscan: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Evaluate one configuration: switch the engine, generate every prompt, score, measure.
+
+A configuration that crashes, runs out of memory or produces NaN comes back as a failed
+``TrialRecord`` rather than an exception, so a search can go on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from layerscan.engine import Fp8Engine, Ignored, describe, normalize
+from layerscan.errors import UserError
+from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png
+from layerscan.metrics import Scorer, summarize
+from layerscan.study import Criterion
+
+# Called after each prompt with the per-prompt scores so far; returning True stops the
+# evaluation early (the record is then marked "stopped").
+StopRule = Callable[[list[dict[str, float]]], bool]
+
+
+@dataclass
+class TrialRecord:
+    """One evaluated configuration; what trials.csv and the report are made of."""
+
+    config: Ignored
+    status: str  # "complete", "failed" or "stopped"
+    mean: dict[str, float] = field(default_factory=dict)
+    worst: dict[str, float] = field(default_factory=dict)
+    per_prompt: list[dict[str, float]] = field(default_factory=list)
+    passes: bool | None = None
+    weight_bytes: dict[str, int] = field(default_factory=dict)
+    bf16_kept_bytes: int = 0
+    peak_memory_bytes: int | None = None
+    seconds_per_image: float | None = None
+    execution_mode: str = "eager"
+    device: str = "cpu"
+    error: str | None = None
+    strategy: str = ""
+    finished_at: str = ""
+
+    @property
+    def label(self) -> str:
+        return describe(self.config)
+
+    @property
+    def total_weight_bytes(self) -> int:
+        return sum(self.weight_bytes.values())
+
+    def to_dict(self) -> dict:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["config"] = None if self.config is None else list(self.config)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrialRecord":
+        data = dict(data)
+        data["config"] = normalize(data["config"])
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def evaluate(
+    engine: Fp8Engine,
+    ignored: Sequence[str] | None,
+    spec: GenerationSpec,
+    baseline: Baseline,
+    scorer: Scorer,
+    criterion: Criterion | None = None,
+    image_dir: Path | None = None,
+    stop_rule: StopRule | None = None,
+    on_image: Callable[[], None] | None = None,
+) -> TrialRecord:
+    """Evaluate one configuration against the baseline.
+
+    Pattern errors are the user's (a ``UserError`` propagates); everything the configuration
+    itself causes ends in a failed record.
+    """
+    config = engine.apply(ignored)
+    loaded = engine.loaded
+    bf16_kept = engine.weight_bytes(config)["transformer"] - engine.weight_bytes(())["transformer"]
+    record = TrialRecord(config, "complete", weight_bytes=engine.weight_bytes(config),
+                         bf16_kept_bytes=bf16_kept if config is not None else 0,
+                         device=str(loaded.device))
+    if image_dir is not None:
+        image_dir.mkdir(parents=True, exist_ok=True)
+    seconds = []
+    _peak_reset(loaded.device)
+    try:
+        for index, image, elapsed in iter_images(loaded, spec):
+            seconds.append(elapsed)
+            record.per_prompt.append(scorer.score_pair(image, baseline.images[index]))
+            if image_dir is not None:
+                save_png(image, image_dir / spec.image_name(index))
+            if on_image:
+                on_image()
+            if stop_rule and index + 1 < len(spec.items()) and stop_rule(record.per_prompt):
+                record.status = "stopped"
+                break
+    except UserError as exc:  # NaN/inf output: this configuration's fault
+        record.status, record.error = "failed", str(exc)
+    except torch.OutOfMemoryError:
+        record.status, record.error = "failed", "out of memory"
+        torch.cuda.empty_cache()
+    except RuntimeError as exc:
+        record.status, record.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    record.peak_memory_bytes = _peak(loaded.device)
+    record.seconds_per_image = float(np.mean(seconds)) if seconds else None
+    if record.per_prompt and record.status != "failed":
+        summary = summarize(record.per_prompt)
+        record.mean, record.worst = summary.mean, summary.worst
+        if criterion is not None:
+            record.passes = criterion.passes(record.mean[criterion.metric],
+                                             record.worst[criterion.metric])
+    record.finished_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return record

@@ -1,0 +1,151 @@
+"""Load any diffusers DiT pipeline, by hub id, local directory or built-in tiny name.
+
+The built-in tiny pipelines go through the same ``from_pretrained`` call as a user's model: they
+are real pipeline directories written with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerscan.errors import UserError
+from layerscan.layers import LayerIndex, Profile, profile_for
+
+TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+_HASH_WHOLE_FILE_BELOW = 64 << 20
+_HASH_EDGE_BYTES = 4 << 20
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline plus what layerscan needs to know about it."""
+
+    pipe: object
+    model: str  # what the user asked for: hub id, directory or tiny name
+    path: Path  # the directory the weights came from
+    fingerprint: str  # changes whenever the weights or configs change
+    device: torch.device
+    dtype: torch.dtype
+    profile: Profile
+    index: LayerIndex
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {a: getattr(self.pipe, a) for a in TEXT_ENCODER_ATTRS
+                if isinstance(getattr(self.pipe, a, None), nn.Module)}
+
+    @property
+    def vae(self) -> nn.Module | None:
+        return getattr(self.pipe, "vae", None)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """A local pipeline directory for ``model``, downloading hub ids (only) when needed."""
+    from layerscan.tiny import TINY_ARCHITECTURES, tiny_pipeline_dir
+
+    if model in TINY_ARCHITECTURES:
+        return tiny_pipeline_dir(model)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{model} is a file, not a diffusers pipeline directory")
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{model} is not a diffusers pipeline: no model_index.json in it")
+        return path
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"model directory not found: {model}")
+    if model.count("/") != 1:
+        raise UserError(f"model not found: {model!r} is neither a directory, a built-in tiny "
+                        f"pipeline ({', '.join(TINY_ARCHITECTURES)}) nor a hub id (org/name)")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(model, revision=revision))
+    except Exception as exc:  # the hub client raises many types for the same user-facing fact
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not fetch {model!r} from the hub: {first_line}") from None
+
+
+def fingerprint_dir(path: Path) -> str:
+    """Content fingerprint of a pipeline directory: names, sizes and file hashes.
+
+    Files above 64 MiB are hashed by their size plus first and last 4 MiB, so fingerprinting a
+    40 GB checkpoint stays fast; safetensors headers sit at the start, so changed shapes or
+    dtypes still change the fingerprint.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        size = file.stat().st_size
+        digest.update(f"{rel}\0{size}\0".encode())
+        with open(file, "rb") as fh:
+            if size <= _HASH_WHOLE_FILE_BELOW:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(_HASH_EDGE_BYTES))
+                fh.seek(size - _HASH_EDGE_BYTES)
+                digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+def _quiet_libraries() -> None:
+    """Loading bars and warnings of diffusers/transformers would drown layerscan's own progress."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+
+def load_pipeline(
+    model: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    profile: str | None = None,
+) -> LoadedPipeline:
+    """Load ``model`` in ``dtype`` on ``device`` and index its quantizable DiT layers."""
+    from diffusers import DiffusionPipeline
+
+    path = resolve_model_dir(model, revision)
+    index = json.loads((path / "model_index.json").read_text())
+    if "transformer" not in index:
+        raise UserError(f"{model} has no DiT: layerscan needs a pipeline with a 'transformer' "
+                        f"component (found: {', '.join(k for k in index if not k.startswith('_'))})")
+    device = torch.device(device) if device else default_device()
+    _quiet_libraries()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"{model} ships its own code; rerun with --trust-remote-code "
+                            "if you trust it") from None
+        raise UserError(f"could not load {model}: {str(exc).splitlines()[0]}") from None
+    except (OSError, KeyError) as exc:
+        raise UserError(f"could not load {model}: {str(exc).splitlines()[0]}") from None
+    pipe.to(device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    chosen = profile_for(pipe.transformer, profile)
+    return LoadedPipeline(pipe, model, path, fingerprint_dir(path), device, dtype, chosen,
+                          LayerIndex.discover(pipe.transformer, chosen))

@@ -1,0 +1,23 @@
+"""Exhaustive: every subset of groups, smallest first, for small group counts."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+from layerscan.errors import UserError
+from layerscan.search.base import SearchContext
+
+MAX_GROUPS = 12  # 4096 configurations; beyond that use greedy or optuna
+
+
+class ExhaustiveStrategy:
+    name = "exhaustive"
+
+    def run(self, ctx: SearchContext) -> None:
+        if len(ctx.groups) > MAX_GROUPS:
+            raise UserError(f"exhaustive search over {len(ctx.groups)} groups means "
+                            f"{2 ** len(ctx.groups)} runs; use --strategy greedy or optuna, "
+                            f"or a coarser --granularity (limit {MAX_GROUPS} groups)")
+        for size in range(len(ctx.groups) + 1):
+            for kept in combinations(ctx.groups, size):
+                ctx.evaluate(kept)

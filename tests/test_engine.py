@@ -1,0 +1,149 @@
+"""In-place switching on real (tiny) diffusers pipelines, exact weight bytes, the baseline cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from layerscan.engine import Fp8Engine
+from layerscan.errors import UserError
+from layerscan.fp8 import FP8_DTYPE, Fp8Linear
+from layerscan.generate import GenerationSpec, generate_image, load_or_build_baseline, read_prompts
+from layerscan.pipeline import load_pipeline
+
+SPEC = GenerationSpec(("a red circle", "a blue square on the left"), (0,), steps=2, height=32,
+                      width=32, guidance=4.0)
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen_dir):
+    loaded = load_pipeline(str(tiny_qwen_dir), "cpu")
+    return loaded, Fp8Engine(loaded)
+
+
+def _image(loaded, prompt="a red circle", seed=0):
+    return generate_image(loaded, SPEC, prompt, seed)
+
+
+def test_switching_back_to_bf16_is_bit_exact(qwen):
+    loaded, engine = qwen
+    engine.apply(None)
+    bf16 = _image(loaded)
+    engine.apply([])
+    fp8_all = _image(loaded)
+    engine.apply(["img_mlp"])
+    partial = _image(loaded)
+    engine.apply(None)
+    assert np.array_equal(_image(loaded), bf16)
+    assert not np.array_equal(fp8_all, bf16)  # FP8 really changes the computation
+    assert not np.array_equal(partial, fp8_all)
+
+
+def test_apply_sets_exactly_the_unmatched_layers_to_fp8(qwen):
+    loaded, engine = qwen
+    engine.apply(["img_mlp", "to_add_out"])
+    quantized = set(engine.quantized_layers())
+    names = {l.engine_name for l in loaded.index.layers}
+    assert quantized == {n for n in names if "img_mlp" not in n and "to_add_out" not in n}
+    modules = dict(loaded.transformer.named_modules())
+    for layer in loaded.index.layers:
+        for name in layer.modules:
+            module = modules[name]
+            assert isinstance(module, Fp8Linear)
+            assert module.fp8_enabled == (layer.engine_name in quantized)
+            assert module.weight_fp8.dtype == FP8_DTYPE
+    # Shards of a fused layer share one scale, as vLLM quantizes the fused weight.
+    qkv = next(l for l in loaded.index.layers if l.engine_name.endswith("to_qkv"))
+    scales = {float(modules[n].weight_scale) for n in qkv.modules}
+    assert len(scales) == 1
+    # Qwen-Image: text encoder and VAE weights at rest in FP8 under any FP8 configuration.
+    assert loaded.pipe.vae.decoder.conv_in.weight.dtype == FP8_DTYPE
+    engine.apply(None)
+    assert loaded.pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_weight_bytes_are_exact(qwen):
+    loaded, engine = qwen
+    bf16 = engine.weight_bytes(None)
+    fp8 = engine.weight_bytes([])
+    img_mlp = engine.weight_bytes(["img_mlp"])
+    dit = sum(p.numel() for p in loaded.transformer.parameters())
+    assert bf16["transformer"] == 2 * dit
+    # Independent count: every quantized weight saves one byte and costs a 4-byte scale per layer.
+    modules = dict(loaded.transformer.named_modules())
+    weights = sum(modules[n].weight.numel() for l in loaded.index.layers for n in l.modules)
+    assert bf16["transformer"] - fp8["transformer"] == weights - 4 * len(loaded.index.layers)
+    mlp_layers = [l for l in loaded.index.layers if "img_mlp" in l.engine_name]
+    mlp_weights = sum(modules[n].weight.numel() for l in mlp_layers for n in l.modules)
+    assert img_mlp["transformer"] - fp8["transformer"] == mlp_weights - 4 * len(mlp_layers)
+    vae_weights = sum(m.weight.numel() for m in loaded.pipe.vae.modules()
+                      if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)))
+    vae_count = sum(1 for m in loaded.pipe.vae.modules()
+                    if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)))
+    assert bf16["vae"] - fp8["vae"] == vae_weights - 4 * vae_count
+    # Measured: bytes of the tensors actually held at rest under FP8 match the analytic figure.
+    engine.apply([])
+    at_rest = sum(p.numel() * p.element_size() for p in loaded.pipe.vae.parameters())
+    assert at_rest + 4 * vae_count == fp8["vae"]
+    engine.apply(None)
+
+
+def test_pattern_matching_nothing_is_a_clear_error(qwen):
+    _, engine = qwen
+    with pytest.raises(UserError, match="img_mlp"):
+        engine.apply(["img_mpl"])
+
+
+def test_flux_pipeline_switches_too(tiny_flux_dir):
+    loaded = load_pipeline(str(tiny_flux_dir), "cpu")
+    engine = Fp8Engine(loaded)
+    assert loaded.profile.name == "flux"
+    engine.apply(None)
+    bf16 = _image(loaded)
+    engine.apply([])
+    assert not np.array_equal(_image(loaded), bf16)
+    engine.apply(None)
+    assert np.array_equal(_image(loaded), bf16)
+
+
+def test_baseline_cache_hits_invalidates_and_rebuilds(qwen, tmp_path):
+    loaded, engine = qwen
+    engine.apply(None)
+    first = load_or_build_baseline(loaded, SPEC, tmp_path)
+    assert not first.cached and len(first.images) == 2
+    again = load_or_build_baseline(loaded, SPEC, tmp_path)
+    assert again.cached and again.directory == first.directory
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, again.images))
+    # A changed input gets another entry.
+    other = load_or_build_baseline(loaded, GenerationSpec(SPEC.prompts, (1,), 2, 32, 32, 4.0), tmp_path)
+    assert other.directory != first.directory and not other.cached
+    # A corrupted entry is detected and rebuilt.
+    png = sorted(first.directory.glob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:-20])
+    rebuilt = load_or_build_baseline(loaded, SPEC, tmp_path)
+    assert not rebuilt.cached
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, rebuilt.images))
+    manifest = json.loads((rebuilt.directory / "manifest.json").read_text())
+    assert manifest["spec"]["prompts"] == list(SPEC.prompts)
+
+
+def test_prompt_file_rules(tmp_path, prompts_file):
+    assert read_prompts(prompts_file) == ("a red circle", "a blue square on the left")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(UserError, match="no prompts"):
+        read_prompts(empty)
+    with pytest.raises(UserError, match="not found"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_bad_model_inputs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_pipeline(str(tmp_path / "nope"), "cpu")
+    with pytest.raises(UserError, match="not a diffusers pipeline"):
+        load_pipeline(str(tmp_path), "cpu")
+    with pytest.raises(UserError, match="could not fetch"):
+        load_pipeline("no-such-org/no-such-model", "cpu")
