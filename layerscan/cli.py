@@ -11,6 +11,8 @@ from layerscan.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+INTERRUPTED_MESSAGE = ("interrupted: every finished evaluation is kept; "
+                       "rerun the same command to resume")
 
 
 def _csv(text: str) -> list[str]:
@@ -140,8 +142,7 @@ def cmd_run(args) -> int:
     print(f"{sum(r.config is not None for r in outcome.records)} configurations on record "
           f"({outcome.new_evaluations} evaluated now); report: {path}")
     if outcome.stop_reason == "interrupted":
-        print("interrupted: everything finished so far is kept; rerun the same command to resume",
-              file=sys.stderr)
+        print(INTERRUPTED_MESSAGE, file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layerscan: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(INTERRUPTED_MESSAGE, file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

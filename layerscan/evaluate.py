@@ -65,6 +65,14 @@ class TrialRecord:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+def judge(record: TrialRecord, criterion: Criterion) -> TrialRecord:
+    """Set ``passes`` under ``criterion``; records are re-judged when a rerun changes it."""
+    metric = criterion.metric
+    record.passes = (record.status != "failed" and metric in record.mean
+                     and criterion.passes(record.mean[metric], record.worst[metric]))
+    return record
+
+
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -124,7 +132,6 @@ def evaluate(
         summary = summarize(record.per_prompt)
         record.mean, record.worst = summary.mean, summary.worst
         if criterion is not None:
-            record.passes = criterion.passes(record.mean[criterion.metric],
-                                             record.worst[criterion.metric])
+            judge(record, criterion)
     record.finished_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return record

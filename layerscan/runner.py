@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from layerscan.engine import describe
-from layerscan.evaluate import TrialRecord, evaluate
+from layerscan.evaluate import TrialRecord, evaluate, judge
 from layerscan.layers import Group
 from layerscan.search import STRATEGIES, make_strategy
 from layerscan.search.base import BudgetExhausted, SearchContext
@@ -50,13 +50,15 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None) -> R
     study = session.study
     out_dir.mkdir(parents=True, exist_ok=True)
     store = TrialStore(out_dir / "trials.jsonl", session.eval_key)
+    for record in store.records():  # measurements are reused; the verdict follows today's criterion
+        judge(record, study.criterion)
     groups = session.loaded.index.groups(study.granularity)
     strategy_name = strategy or study.strategy
     storage = study.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     deadline = time.monotonic() + study.timeout_s if study.timeout_s else None
     crit = study.criterion
     new = 0
-    bar = tqdm(desc=f"{strategy_name} trials", unit="cfg", leave=True)
+    bar = tqdm(desc=strategy_name, unit="cfg", leave=True)
 
     def best_label() -> str:
         best = recommend(store.records(), session)
@@ -73,14 +75,14 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None) -> R
             raise BudgetExhausted("budget")
         if deadline is not None and time.monotonic() > deadline:
             raise BudgetExhausted("timeout")
-        bar.set_description(f"{strategy_name}: {describe(patterns)[:48]}")
+        bar.set_postfix_str(f"now: {describe(patterns)[:40]}")
         record = evaluate(session.engine, patterns, session.spec, session.baseline,
                           session.scorer, crit)
         record.strategy = strategy_name
         store.add(record)
         new += 1
         bar.update(1)
-        bar.set_postfix_str(f"best: {best_label()}"[:80])
+        bar.set_postfix_str(f"best: {best_label()[:60]}")
         return record
 
     if store.get(None) is None:  # the BF16 reference row: timing and memory of the baseline

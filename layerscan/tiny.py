@@ -469,8 +469,9 @@ def plant_massive_activation(
     pipe: DiffusionPipeline,
     family: str,
     blocks: list[int] | None = None,
-    magnitude: float = 1e5,
+    magnitude: float = 1e6,
     channel: int = 0,
+    branch_gain: float = 8.0,
 ) -> None:
     """Give one input channel of ``family``'s first Linear a massive activation, in place.
 
@@ -489,6 +490,12 @@ def plant_massive_activation(
     ``*_mlp.net.0.proj.weight`` by ``M`` cancels it. The modulation Linears are not quantized by the
     FP8 engine, so the outlier is produced in higher precision, exactly like the real thing.
     Arithmetic is done in float64 and cast back to each parameter's dtype.
+
+    ``branch_gain`` scales that MLP's gate (``gate2``) in the chosen blocks.  This one is not
+    compensated: with random weights the MLP branch adds little to the residual stream and the
+    FP8 error of the text encoder and VAE would hide its damage, which a trained model's MLPs do
+    not.  ``magnitude`` 1e6 puts the ordinary channels below e4m3's smallest subnormal after
+    per-token scaling, so FP8 erases them, rather than only coarsening them.
     """
     from diffusers import QwenImageTransformer2DModel
 
@@ -516,6 +523,8 @@ def plant_massive_activation(
         proj = getattr(block, family).net[0].proj
         weight, bias = mod.weight.double(), mod.bias.double()
         weight[[shift_row, scale_row]] *= m
+        weight[5 * dim:6 * dim] *= branch_gain
+        bias[5 * dim:6 * dim] *= branch_gain
         bias[shift_row] *= m
         bias[scale_row] = m * (1.0 + bias[scale_row]) - 1.0
         column = proj.weight.double()
@@ -525,9 +534,10 @@ def plant_massive_activation(
         proj.weight.copy_(column.to(proj.weight.dtype))
 
 
-def save_planted(name: str, family: str, blocks: list[int] | None, out_dir: str | Path, seed: int = 0) -> Path:
+def save_planted(name: str, family: str, blocks: list[int] | None, out_dir: str | Path,
+                 seed: int = 0, **plant_options) -> Path:
     """Build the tiny pipeline ``name``, plant a massive activation into ``family`` of ``blocks``,
     and save it to ``out_dir``: a model directory where FP8 genuinely hurts one known family."""
     pipe = _architecture(name).build(seed)
-    plant_massive_activation(pipe, family, blocks)
+    plant_massive_activation(pipe, family, blocks, **plant_options)
     return _save(pipe, out_dir)

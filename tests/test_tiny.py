@@ -195,7 +195,8 @@ def test_planted_channel_is_massive_but_bf16_output_holds(family: str, loaded: d
     transformer = loaded[QWEN].transformer
     planted = copy.deepcopy(transformer)
     magnitude, channel, blocks = 1e5, 3, [0, 2]
-    tiny.plant_massive_activation(planted, family, blocks=blocks, magnitude=magnitude, channel=channel)
+    tiny.plant_massive_activation(planted, family, blocks=blocks, magnitude=magnitude, channel=channel,
+                                  branch_gain=1.0)
 
     out, acts = run_capturing(transformer, family)
     out_planted, acts_planted = run_capturing(planted, family)
@@ -218,10 +219,10 @@ def test_planted_channel_is_massive_but_bf16_output_holds(family: str, loaded: d
 def test_save_planted_round_trips_and_generates_close_image(
     loaded: dict[str, DiffusionPipeline], tmp_path: Path
 ) -> None:
-    path = tiny.save_planted(QWEN, "img_mlp", [1], tmp_path / "planted")
+    path = tiny.save_planted(QWEN, "img_mlp", [1], tmp_path / "planted", branch_gain=1.0)
     pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16)
     expected = copy.deepcopy(loaded[QWEN].transformer)
-    tiny.plant_massive_activation(expected, "img_mlp", [1])
+    tiny.plant_massive_activation(expected, "img_mlp", [1], branch_gain=1.0)
     got = pipe.transformer.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
     key = "transformer_blocks.1.img_mod.1.bias"

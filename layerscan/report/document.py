@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from layerscan.engine import describe
+from layerscan.errors import UserError
 from layerscan.evaluate import TrialRecord
 from layerscan.generate import iter_images, save_png
 from layerscan.report.outputs import (
@@ -23,10 +24,16 @@ from layerscan.study import LOWER_IS_BETTER
 GRID_PROMPTS = 4  # image grids for the first few prompts keep the report readable
 
 
-def render(session: Session, config) -> list[np.ndarray]:
-    """Regenerate a configuration's images (deterministic seeds make them the evaluated ones)."""
+def render(session: Session, config) -> list[np.ndarray] | None:
+    """Regenerate a configuration's images (deterministic seeds make them the evaluated ones).
+
+    None when the configuration cannot produce images (it failed in the search too).
+    """
     session.engine.apply(config)
-    return [image for _, image, _ in iter_images(session.loaded, session.spec)]
+    try:
+        return [image for _, image, _ in iter_images(session.loaded, session.spec)]
+    except (UserError, RuntimeError):
+        return None
 
 
 def _fmt(value: float | None, metric: str) -> str:
@@ -81,10 +88,11 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
         charts.append(("Quality vs BF16-kept weights", "pareto.png"))
 
     columns = [("BF16", session.baseline.images)]
-    if fp8_all is not None:
+    if fp8_all is not None and fp8_all.status != "failed":
         columns.append(("FP8 all", render(session, ())))
     if rec is not None and rec.config:
         columns.append(("recommended", render(session, rec.config)))
+    columns = [(title, images) for title, images in columns if images is not None]
     session.engine.apply(None)
     grids = []
     for index, prompt, seed in session.spec.items()[:GRID_PROMPTS]:

@@ -1,0 +1,146 @@
+"""`layerscan run` end to end on tiny pipelines with known answers: planted, clean, broken."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from layerscan.cli import main
+from layerscan.fp8 import FP8_DTYPE
+from layerscan.report.document import write_report
+from layerscan.runner import run_study
+from layerscan.session import open_session
+from layerscan.study import build_study, load_study
+
+# The tiny pipelines' text encoder and VAE in FP8 alone cost ~39.7 dB PSNR; a planted img_mlp
+# drops FP8-everywhere to ~33 dB.  37 dB separates the two with margin on both sides.
+CRITERION = ["--criterion-metric", "psnr", "--criterion-mean", "37", "--criterion-worst", "35"]
+
+
+@pytest.fixture(scope="module")
+def two_prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("p") / "prompts.txt"
+    path.write_text("a red circle on a white background\na blue square in the top left corner\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory) -> Path:
+    from layerscan.tiny import save_planted
+
+    return save_planted("tiny-qwen-image", "img_mlp", None, tmp_path_factory.mktemp("m") / "planted")
+
+
+def _run(model, out: Path, prompts: Path, *extra: str) -> dict:
+    argv = ["run", "--model", str(model), "--study", "tiny-qwen-image", "--prompts", str(prompts),
+            "--out", str(out), *CRITERION, *extra]
+    assert main(argv) == 0
+    return json.loads((out / "recommendation.json").read_text())
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("greedy", []), ("exhaustive", []), ("optuna", ["--max-trials", "24"])])
+def test_every_strategy_finds_the_planted_family(planted_dir, two_prompts, tmp_path, strategy, extra):
+    rec = _run(planted_dir, tmp_path / strategy, two_prompts, "--strategy", strategy, *extra)
+    assert rec["quantization_config"] == {"method": "fp8", "ignored_layers": ["img_mlp"]}
+    assert rec["cli"] == '--quantization fp8 --ignored-layers "img_mlp"'
+    row = (tmp_path / strategy / "row.md").read_text()
+    assert row == "| Tiny-Qwen-Image | `%s` | ✅ | ✅ | ✅ | `img_mlp` |\n" % planted_dir
+    trials = pd.read_csv(tmp_path / strategy / "trials.csv")
+    fp8 = trials[~trials["bf16"]]
+    assert len(fp8) == len(set(fp8["ignored_layers"].fillna("")))  # never evaluated twice
+    assert {"psnr_mean", "psnr_worst", "ssim_mean", "weight_bytes_total", "seconds_per_image",
+            "status"} <= set(trials.columns)
+    if strategy == "exhaustive":
+        assert len(fp8) == 2 ** 6
+    if strategy == "optuna":
+        assert (tmp_path / strategy / "study.db").is_file()
+    report = (tmp_path / strategy / "report.md").read_text()
+    for png in ("pareto.png", "grid_000.png"):
+        assert png in report and (tmp_path / strategy / png).is_file()
+    print(f"{strategy}: {len(fp8)} FP8 configurations evaluated")
+
+
+def test_clean_model_needs_nothing(two_prompts, tmp_path):
+    rec = _run("tiny-qwen-image", tmp_path / "clean", two_prompts, "--strategy", "greedy")
+    assert rec["quantization_config"]["ignored_layers"] == []
+    assert (tmp_path / "clean" / "row.md").read_text().rstrip().endswith("| None |")
+    assert rec["evaluated_configurations"] == 1  # FP8 everywhere passed: nothing else to try
+
+
+def test_rerun_resumes_instead_of_repeating(planted_dir, two_prompts, tmp_path, capsys):
+    _run(planted_dir, tmp_path / "r", two_prompts, "--strategy", "greedy")
+    lines = (tmp_path / "r" / "trials.jsonl").read_text().splitlines()
+    capsys.readouterr()
+    _run(planted_dir, tmp_path / "r", two_prompts, "--strategy", "greedy")
+    assert "(0 evaluated now)" in capsys.readouterr().out
+    assert (tmp_path / "r" / "trials.jsonl").read_text().splitlines() == lines
+    # A different criterion is a different question but the same measurements: still reused.
+    _run(planted_dir, tmp_path / "r", two_prompts, "--strategy", "greedy", "--criterion-mean", "36")
+    assert len((tmp_path / "r" / "trials.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_nan_configuration_is_a_failed_trial_and_the_search_goes_on(planted_dir, two_prompts, tmp_path):
+    values = load_study("tiny-qwen-image")
+    values.update(model=str(planted_dir), prompts=str(two_prompts), criterion_metric="psnr",
+                  criterion_mean=37.0, criterion_worst=35.0)
+    session = open_session(build_study(values), "cpu")
+    # FP8 weights of every to_out layer become NaN (e4m3fn has a NaN code): any configuration
+    # that quantizes to_out now produces NaN images, for real, through the whole pipeline.
+    modules = dict(session.loaded.transformer.named_modules())
+    for layer in session.loaded.index.layers:
+        if layer.engine_name.endswith("attn.to_out"):
+            for name in layer.modules:
+                modules[name].weight_fp8.fill_(float("nan"))
+    assert torch.isnan(modules["transformer_blocks.0.attn.to_out.0"].weight_fp8.float()).all()
+    outcome = run_study(session, tmp_path / "nan")
+    failed = [r for r in outcome.records if r.status == "failed"]
+    assert failed and all("non-finite" in r.error for r in failed)
+    assert all("to_out" not in (r.config or ()) for r in failed)
+    assert outcome.recommended is not None
+    assert set(outcome.recommended.config) == {"img_mlp", "to_out"}
+    write_report(session, outcome, tmp_path / "nan")
+    assert "failed" in (tmp_path / "nan" / "report.md").read_text()
+
+
+def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(planted_dir, two_prompts, tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "layerscan.cli", "run", "--model", str(planted_dir), "--study",
+           "tiny-qwen-image", "--prompts", str(two_prompts), "--out", str(out),
+           "--strategy", "exhaustive", *CRITERION]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    trials = out / "trials.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (
+            not trials.exists() or len(trials.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err
+    kept = len(trials.read_text().splitlines())
+    assert 4 <= kept < 65
+    assert (out / "report.md").is_file()  # the partial report is written too
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"({65 - kept} evaluated now)" in done.stdout
+    assert len(trials.read_text().splitlines()) == 65
+
+
+def test_weights_at_rest_are_fp8_during_a_run(planted_dir, two_prompts):
+    values = load_study("tiny-qwen-image")
+    values.update(model=str(planted_dir), prompts=str(two_prompts))
+    session = open_session(build_study(values), "cpu")
+    session.engine.apply(["img_mlp"])
+    assert session.loaded.pipe.text_encoder.model.language_model.layers[0].mlp.up_proj.weight.dtype \
+        == FP8_DTYPE
