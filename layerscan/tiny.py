@@ -391,6 +391,12 @@ TINY_ARCHITECTURES: dict[str, TinyArchitecture] = {
         _build_qwen_image,
         "Qwen-Image layout: 4 MMDiT blocks, width 64, Qwen2.5-VL text encoder of width 32",
     ),
+    "tiny-qwen-image-outlier": TinyArchitecture(
+        "QwenImagePipeline",
+        "QwenImageTransformer2DModel",
+        lambda seed: _planted_qwen_image(seed),
+        "tiny-qwen-image with a massive activation planted in every img_mlp input (the demo)",
+    ),
     "tiny-flux": TinyArchitecture(
         "FluxPipeline",
         "FluxTransformer2DModel",
@@ -398,6 +404,13 @@ TINY_ARCHITECTURES: dict[str, TinyArchitecture] = {
         "FLUX.1-dev layout: 2 double + 2 single blocks, width 64, CLIP + T5 text encoders of width 32",
     ),
 }
+
+
+def _planted_qwen_image(seed: int) -> DiffusionPipeline:
+    """The demo model: FP8 hurts ``img_mlp`` for a real numerical reason, as in Qwen-Image."""
+    pipe = _build_qwen_image(seed)
+    plant_massive_activation(pipe, "img_mlp")
+    return pipe
 
 
 def _architecture(name: str) -> TinyArchitecture:

@@ -50,8 +50,10 @@ def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended)
         label = describe(r.config)
         if recommended is not None and r.config == recommended.config:
             label = f"**{label}** (recommended)"
-        status = r.status if r.status != "complete" else ("pass" if r.passes else
-                                                          "reference" if r.config is None else "fail")
+        if r.config is None:
+            status = "reference"
+        else:
+            status = r.status if r.status != "complete" else ("pass" if r.passes else "fail")
         if r.error:
             status += f": {r.error[:60]}"
         cells = [label] + [f"{_fmt(r.mean.get(m), m)} / {_fmt(r.worst.get(m), m)}" for m in metrics]
