@@ -16,6 +16,7 @@ from layerscan.fp8 import (
     SCALE_BYTES,
     STORAGE_TYPES,
     Fp8Linear,
+    SharedInput,
     apply_fp8_weight_storage,
     per_tensor_scale,
     remove_fp8_weight_storage,
@@ -36,10 +37,24 @@ def describe(ignored: Ignored) -> str:
     return "FP8 all" if not ignored else "FP8, BF16 kept: " + ", ".join(ignored)
 
 
-class Fp8Engine:
-    """Owns the FP8 state of one pipeline; ``apply`` is the only way to change it."""
+RESIDENCIES = ("auto", "both", "requantize")
+# Room left for activations, the text encoder's and VAE's work and the allocator when deciding
+# whether the BF16 and FP8 copies of the DiT fit side by side.
+_HEADROOM_FRACTION = 0.25
 
-    def __init__(self, loaded: LoadedPipeline, activation_scheme: str = "token") -> None:
+
+class Fp8Engine:
+    """Owns the FP8 state of one pipeline; ``apply`` is the only way to change it.
+
+    ``residency``: ``both`` keeps BF16 and FP8 copies of every quantizable DiT weight on the
+    device (a switch flips flags); ``requantize`` keeps only what the configuration needs and
+    re-quantizes from a CPU master copy on switch; ``auto`` picks ``both`` when it fits.
+    """
+
+    def __init__(self, loaded: LoadedPipeline, activation_scheme: str = "token",
+                 residency: str = "auto") -> None:
+        if residency not in RESIDENCIES:
+            raise ValueError(f"residency must be one of {RESIDENCIES}")
         self.loaded = loaded
         self.activation_scheme = activation_scheme
         modules = dict(loaded.transformer.named_modules())
@@ -47,10 +62,22 @@ class Fp8Engine:
         for layer in loaded.index.layers:
             shards = [modules[name] for name in layer.modules]
             scale = per_tensor_scale(*(m.weight for m in shards))
+            shared = SharedInput(len(shards)) if len(shards) > 1 else None
             self._layers[layer.engine_name] = [
-                Fp8Linear.convert(m, activation_scheme, scale) for m in shards
+                Fp8Linear.convert(m, activation_scheme, scale, shared) for m in shards
             ]
+        self._sizes = {"transformer": _param_sizes(loaded.transformer)}
+        self._sizes.update({attr: _param_sizes(c) for attr, c in self._components()})
+        self.residency = self._choose_residency() if residency == "auto" else residency
         self.current: Ignored = None
+
+    def _choose_residency(self) -> str:
+        device = self.loaded.device
+        if device.type != "cuda":
+            return "both"
+        fp8_copies = sum(s.weight.numel() for shards in self._layers.values() for s in shards)
+        free, total = torch.cuda.mem_get_info(device)
+        return "both" if fp8_copies < free - _HEADROOM_FRACTION * total else "requantize"
 
     def _storage_components(self) -> list[nn.Module]:
         profile = self.loaded.profile
@@ -65,9 +92,10 @@ class Fp8Engine:
         if config:
             self.loaded.index.validate(config)
         skipped = set() if config is None else self.loaded.index.skipped(config)
+        keep_bf16 = self.residency == "both"
         for name, shards in self._layers.items():
             for module in shards:
-                module.fp8_enabled = config is not None and name not in skipped
+                module.set_precision(config is not None and name not in skipped, keep_bf16)
         for component in self._storage_components():
             if config is None:
                 remove_fp8_weight_storage(component)
@@ -83,7 +111,8 @@ class Fp8Engine:
         """Exact weight bytes per component as the engine would hold them for ``ignored``.
 
         Quantized layers: one byte per weight plus one float32 scale per (fused) layer; biases
-        and everything else at the model dtype's size.
+        and everything else at the model dtype's size.  Computed from sizes recorded at load,
+        so the answer does not depend on what is resident right now.
         """
         config = normalize(ignored)
         skipped = set() if config is None else self.loaded.index.skipped(config)
@@ -94,28 +123,27 @@ class Fp8Engine:
                 if name not in skipped:
                     fp8_params.update(id(m.weight) for m in shards)
                     scales += 1
-        result = {"transformer": _bytes(self.loaded.transformer, fp8_params) + scales * SCALE_BYTES}
+        result = {"transformer": _bytes(self._sizes["transformer"], fp8_params)
+                  + scales * SCALE_BYTES}
         storage = self._storage_components() if config is not None else []
-        for attr, component in [*self.loaded.text_encoders.items(), ("vae", self.loaded.vae)]:
-            if component is None:
-                continue
+        for attr, component in self._components():
             if component in storage:
                 weights = {id(m.weight) for m in component.modules() if isinstance(m, STORAGE_TYPES)}
-                result[attr] = _bytes(component, weights) + len(weights) * SCALE_BYTES
+                result[attr] = _bytes(self._sizes[attr], weights) + len(weights) * SCALE_BYTES
             else:
-                result[attr] = _bytes(component, set())
+                result[attr] = _bytes(self._sizes[attr], set())
         return result
 
+    def _components(self) -> list[tuple[str, nn.Module]]:
+        vae = [("vae", self.loaded.vae)] if self.loaded.vae is not None else []
+        return [*self.loaded.text_encoders.items(), *vae]
 
-def _bytes(module: nn.Module, fp8_param_ids: set[int]) -> int:
-    """Bytes of ``module``'s parameters with the given ones counted at one byte per element."""
-    total = 0
-    for p in module.parameters():
-        if id(p) in fp8_param_ids:
-            total += p.numel()
-        else:
-            # A weight currently at rest in FP8 still counts at its compute dtype when unquantized.
-            dtype = getattr(module, "_layerscan_compute_dtype", None) or p.dtype
-            total += p.numel() * (torch.empty((), dtype=dtype).element_size()
-                                  if p.dtype == torch.float8_e4m3fn else p.element_size())
-    return total
+
+def _param_sizes(module: nn.Module) -> dict[int, tuple[int, int]]:
+    """(elements, bytes per element) of every parameter, taken while all are in their BF16 form."""
+    return {id(p): (p.numel(), p.element_size()) for p in module.parameters()}
+
+
+def _bytes(sizes: dict[int, tuple[int, int]], fp8_param_ids: set[int]) -> int:
+    """Total bytes with the given parameters counted at one byte per element."""
+    return sum(n if pid in fp8_param_ids else n * size for pid, (n, size) in sizes.items())

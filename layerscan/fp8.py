@@ -66,62 +66,223 @@ def quantize_activation(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, tor
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.contiguous()
 
 
+def _triton_per_token_quantizer():
+    """Per-token activation quantization as one Triton kernel: one read, one write per element.
+
+    As separate PyTorch ops (abs, amax, divide, clamp, cast) the quantization costs five passes
+    and five launches per layer; on a 20B DiT that launch overhead alone exceeds the FP8 GEMM's
+    gain.  Same arithmetic as ``quantize_activation`` (IEEE division, round-to-nearest cast).
+    Returns None where Triton is unavailable.
+    """
+    global _TRITON_QUANT
+    if _TRITON_QUANT is not None:
+        return _TRITON_QUANT or None
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        _TRITON_QUANT = False
+        return None
+
+    @triton.jit
+    def kernel(x_ptr, q_ptr, s_ptr, n_cols, x_stride, q_stride,
+               BLOCK: tl.constexpr, FMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FMAX, MIN_SCALE)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FMAX), FMAX)
+        tl.store(q_ptr + row * q_stride + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row, scale)
+
+    def quantize(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+        rows, cols = x2d.shape
+        q = torch.empty((rows, cols), device=x2d.device, dtype=FP8_DTYPE)
+        scales = torch.empty((rows, 1), device=x2d.device, dtype=torch.float32)
+        block = triton.next_power_of_2(cols)
+        kernel[(rows,)](x2d, q, scales, cols, x2d.stride(0), q.stride(0), BLOCK=block,
+                        FMAX=FP8_MAX, MIN_SCALE=MIN_ACTIVATION_SCALE,
+                        num_warps=min(16, max(4, block // 1024)))
+        return q, scales
+
+    _TRITON_QUANT = quantize
+    return quantize
+
+
+_TRITON_QUANT = None
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight_fp8: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     scheme: str = "token",
+    quantized_input: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + b`` with W8A8 FP8 operands, FP32 accumulation and output in ``x.dtype``.
 
     The per-tensor weight scale is expanded to one scale per output channel, which is how vLLM
-    feeds a per-tensor weight to a row-wise scaled GEMM.
+    feeds a per-tensor weight to a row-wise scaled GEMM.  ``quantized_input`` lets the shards of
+    a fused layer share one quantization of their common input.
     """
     out_features = weight_fp8.shape[0]
-    x2d = x.reshape(-1, x.shape[-1])
-    x_fp8, x_scale = quantize_activation(x2d, scheme)
-    w_scale = weight_scale.reshape(1, 1).expand(1, out_features).contiguous()
-    out = torch._scaled_mm(
-        x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype
-    )
-    if bias is not None:
+    if quantized_input is None:
+        quantized_input = quantize_input(x, scheme)
+    x_fp8, x_scale = quantized_input
+    w_scale = weight_scale if weight_scale.dim() == 2 else row_scale(weight_scale, out_features)
+    fused_bias = bias is not None and _scaled_mm_takes_bias(x.device.type)
+    out = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=w_scale,
+                           bias=bias if fused_bias else None, out_dtype=x.dtype)
+    if bias is not None and not fused_bias:
         out = out + bias
     return out.reshape(*x.shape[:-1], out_features)
 
 
-class Fp8Linear(nn.Linear):
-    """An ``nn.Linear`` that also holds an FP8 copy of its weight and can run either way.
+_BIAS_SUPPORT: dict[str, bool] = {}
 
-    Modules are converted by swapping their class, so parameter names, the state dict and the
-    BF16 weight stay untouched; ``fp8_enabled`` picks the path on each call.
+
+def _scaled_mm_takes_bias(device_type: str) -> bool:
+    """Whether this build's row-wise ``_scaled_mm`` adds a BF16 bias in its epilogue.
+
+    Probed once per device type: where it does, the bias costs no separate kernel launch.
+    """
+    if device_type not in _BIAS_SUPPORT:
+        a = torch.ones(16, 16, device=device_type).to(FP8_DTYPE)
+        s = torch.ones(16, 1, device=device_type)
+        try:
+            out = torch._scaled_mm(a, a.t(), scale_a=s, scale_b=s.t().contiguous(),
+                                   bias=torch.ones(16, device=device_type, dtype=torch.bfloat16),
+                                   out_dtype=torch.bfloat16)
+            _BIAS_SUPPORT[device_type] = bool((out == 17).all())
+        except (RuntimeError, TypeError):
+            _BIAS_SUPPORT[device_type] = False
+    return _BIAS_SUPPORT[device_type]
+
+
+def row_scale(weight_scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The per-tensor scale as one scale per output channel, shape (1, N)."""
+    return weight_scale.reshape(1, 1).expand(1, out_features).contiguous()
+
+
+def quantize_input(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten to 2-D and quantize: one Triton kernel on CUDA in eager mode (torch.compile
+    fuses the reference ops by itself), the reference ops everywhere else."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and scheme == "token" and not torch.compiler.is_compiling():
+        quantize = _triton_per_token_quantizer()
+        if quantize is not None:
+            return quantize(x2d)
+    return quantize_activation(x2d, scheme)
+
+
+class SharedInput:
+    """One quantized input shared by the shards of a fused layer (to_q/to_k/to_v see the same x).
+
+    vLLM runs the fused layer as one GEMM with one activation quantization; diffusers calls each
+    shard on the same tensor.  The input is recognised by identity (holding the reference keeps
+    its memory from being reused by another tensor) and released after the last shard's call.
+    """
+
+    def __init__(self, shards: int) -> None:
+        self.shards = shards
+        self.clear()
+
+    def get(self, x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # Inference-mode tensors keep no version counter; shards never modify their input.
+        version = None if x.is_inference() else x._version
+        if self._input is not x or self._version != version:
+            self._input, self._version, self._uses = x, version, 0
+            self._value = quantize_input(x, scheme)
+        value = self._value
+        self._uses += 1
+        if self._uses == self.shards:
+            self.clear()
+        return value
+
+    def clear(self) -> None:
+        self._input = self._value = self._version = None
+        self._uses = 0
+
+
+class Fp8Linear(nn.Linear):
+    """An ``nn.Linear`` that can run either in BF16 or FP8 W8A8, switched in place.
+
+    Modules are converted by swapping their class, so parameter names and the state dict stay
+    untouched.  Two residencies (``set_precision``'s ``keep_bf16``):
+
+    * both copies resident: BF16 weight and FP8 weight live side by side; a switch flips a flag.
+    * re-quantize on switch: the device holds only what the configuration needs (FP8 weight for
+      quantized layers, BF16 for the others); a CPU master copy of the BF16 weight makes every
+      switch exact and reversible.  This is the mode for models whose two copies do not fit.
     """
 
     weight_fp8: torch.Tensor
     weight_scale: torch.Tensor
     fp8_enabled: bool
     activation_scheme: str
+    shared_input: SharedInput | None
+    bf16_master: torch.Tensor | None
 
     @classmethod
     def convert(
-        cls, module: nn.Linear, activation_scheme: str = "token", scale: torch.Tensor | None = None
+        cls,
+        module: nn.Linear,
+        activation_scheme: str = "token",
+        scale: torch.Tensor | None = None,
+        shared_input: SharedInput | None = None,
     ) -> "Fp8Linear":
-        """Convert in place (idempotent); ``scale`` is shared by the shards of a fused layer."""
+        """Convert in place (idempotent); ``scale`` is shared by the shards of a fused layer.
+
+        The FP8 copy is made on the first ``set_precision(fp8=True)``.
+        """
         if activation_scheme not in ACTIVATION_SCHEMES:
             raise ValueError(f"activation scheme must be one of {ACTIVATION_SCHEMES}")
         if not isinstance(module, cls):
-            weight_fp8, scale = quantize_per_tensor(module.weight.data, scale)
+            weight = module.weight.data
             module.__class__ = cls
-            module.register_buffer("weight_fp8", weight_fp8.contiguous(), persistent=False)
-            module.register_buffer("weight_scale", scale, persistent=False)
+            module.register_buffer("weight_fp8", weight.new_empty(0, dtype=FP8_DTYPE), persistent=False)
+            module.register_buffer("weight_scale", per_tensor_scale(weight) if scale is None
+                                   else scale.to(weight.device), persistent=False)
+            # Expanded once here rather than on every call: a kernel launch per layer saved.
+            module.register_buffer("weight_scale_row",
+                                   row_scale(module.weight_scale, module.out_features),
+                                   persistent=False)
             module.fp8_enabled = False
+            module.bf16_master = None
         module.activation_scheme = activation_scheme
+        module.shared_input = shared_input
         return module  # type: ignore[return-value]
+
+    def set_precision(self, fp8: bool, keep_bf16: bool = True) -> None:
+        device = self.weight_scale.device
+        if fp8 and self.weight_fp8.numel() == 0:
+            source = self.weight.data if self.weight.numel() else self.bf16_master.to(device)
+            self.weight_fp8 = quantize_per_tensor(source, self.weight_scale)[0].contiguous()
+        if not fp8 and self.weight.numel() == 0:
+            self.weight.data = self.bf16_master.to(device)
+        if not keep_bf16:
+            if self.bf16_master is None:
+                master = self.weight.data.to("cpu", copy=True)
+                self.bf16_master = master.pin_memory() if device.type == "cuda" else master
+            if fp8:
+                self.weight.data = self.weight.data.new_empty(0)
+            else:
+                self.weight_fp8 = self.weight_fp8.new_empty(0)
+        self.fp8_enabled = fp8
+        if self.shared_input is not None:
+            self.shared_input.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fp8_enabled:
             return F.linear(x, self.weight, self.bias)
-        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.activation_scheme)
+        shared = None
+        if self.shared_input is not None and not torch.compiler.is_compiling():
+            shared = self.shared_input.get(x, self.activation_scheme)
+        return fp8_linear(x, self.weight_fp8, self.weight_scale_row, self.bias,
+                          self.activation_scheme, shared)
 
 
 # --- FP8 weight storage for text encoders and VAEs -------------------------------------------

@@ -147,3 +147,25 @@ def test_bad_model_inputs_are_user_errors(tmp_path):
         load_pipeline(str(tmp_path), "cpu")
     with pytest.raises(UserError, match="could not fetch"):
         load_pipeline("no-such-org/no-such-model", "cpu")
+
+
+def test_requantize_residency_holds_exactly_the_analytic_bytes(tiny_qwen_dir):
+    loaded = load_pipeline(str(tiny_qwen_dir), "cpu")
+    engine = Fp8Engine(loaded, residency="requantize")
+    engine.apply(None)
+    bf16 = _image(loaded)
+
+    def held(module):
+        tensors = list(module.parameters()) + [b for n, b in module.named_buffers()
+                                                if n.endswith("weight_fp8")]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    for config in ([], ["img_mlp"], ["transformer_blocks.2."]):
+        engine.apply(config)
+        expected = engine.weight_bytes(config)["transformer"]
+        skipped = loaded.index.skipped(config)
+        quantized_scales = 4 * sum(1 for l in loaded.index.layers if l.engine_name not in skipped)
+        # Held on the device: parameters + FP8 copies; analytic adds one scale per fused layer.
+        assert held(loaded.transformer) + quantized_scales == expected, config
+    engine.apply(None)
+    assert np.array_equal(_image(loaded), bf16)

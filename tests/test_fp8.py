@@ -107,13 +107,54 @@ def test_fp8_linear_module_switches_and_keeps_bf16_bit_exact():
     before = lin(x)
     Fp8Linear.convert(lin)
     Fp8Linear.convert(lin)  # idempotent
-    assert isinstance(lin, Fp8Linear) and lin.weight_fp8.dtype == FP8_DTYPE
+    assert isinstance(lin, Fp8Linear)
     assert set(dict(lin.state_dict())) == {"weight", "bias"}  # names unchanged
     assert torch.equal(lin(x), before)
-    lin.fp8_enabled = True
-    assert not torch.equal(lin(x), before)
-    lin.fp8_enabled = False
+    lin.set_precision(True)
+    assert lin.weight_fp8.dtype == FP8_DTYPE
+    fp8_out = lin(x)
+    assert not torch.equal(fp8_out, before)
+    lin.set_precision(False)
     assert torch.equal(lin(x), before)
+
+
+def test_requantize_residency_holds_only_what_the_configuration_needs():
+    torch.manual_seed(6)
+    lin = nn.Linear(32, 16).to(torch.bfloat16)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    before = lin(x)
+    Fp8Linear.convert(lin)
+    lin.set_precision(True, keep_bf16=True)
+    both = lin(x)
+    lin.set_precision(True, keep_bf16=False)
+    assert lin.weight.numel() == 0 and lin.weight_fp8.numel() == 16 * 32  # FP8 only
+    assert torch.equal(lin(x), both)
+    lin.set_precision(False, keep_bf16=False)
+    assert lin.weight_fp8.numel() == 0 and lin.weight.shape == (16, 32)  # BF16 only
+    assert torch.equal(lin(x), before)  # restored from the master copy, bit for bit
+    lin.set_precision(True, keep_bf16=False)  # re-quantized from the master copy
+    assert torch.equal(lin(x), both)
+
+
+def test_fused_shards_quantize_their_shared_input_once():
+    from layerscan.fp8 import SharedInput
+
+    torch.manual_seed(7)
+    shared = SharedInput(3)
+    shards = [Fp8Linear.convert(nn.Linear(32, 16).to(torch.bfloat16), shared_input=shared)
+              for _ in range(3)]
+    for m in shards:
+        m.set_precision(True)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    alone = [fp8_linear(x, m.weight_fp8, m.weight_scale, m.bias) for m in shards]
+    calls = []
+    original = shared.get
+    shared.get = lambda t, s: calls.append(t) or original(t, s)
+    outs = [m(x) for m in shards]
+    assert all(torch.equal(a, b) for a, b in zip(alone, outs))
+    assert len(calls) == 3 and shared._input is None  # released after the last shard
+    y = x.clone()
+    assert torch.equal(shards[0](y), alone[0])  # a new tensor is quantized afresh
 
 
 class _Tiny(nn.Module):
