@@ -17,6 +17,7 @@ from torch import nn
 from layerscan.errors import UserError
 from layerscan.layers import LayerIndex, Profile, profile_for
 
+DEMO_MODEL = "demo"  # the trained pipeline shipped in layerscan/demo/pipeline
 TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _HASH_WHOLE_FILE_BELOW = 64 << 20
 _HASH_EDGE_BYTES = 4 << 20
@@ -59,6 +60,10 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
 
     if model in TINY_ARCHITECTURES:
         return tiny_pipeline_dir(model)
+    if model == DEMO_MODEL:
+        from layerscan.demo import DEMO_PIPELINE_DIR
+
+        return DEMO_PIPELINE_DIR
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
