@@ -42,6 +42,8 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-scheme", dest="activation_scheme", choices=["token", "tensor"],
                    help="dynamic FP8 activation scale per token (vLLM-Omni default) or per tensor")
     p.add_argument("--profile", help="architecture profile (default: chosen from the DiT class)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the DiT's repeated blocks; times are then 'compiled'")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--cache-dir", dest="cache_dir", type=Path,
                    help="baseline and tiny-pipeline cache (default: $LAYERSCAN_CACHE or ~/.cache/layerscan)")
@@ -52,8 +54,8 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
 
 
 STUDY_FIELDS = ("model", "revision", "prompts", "seeds", "steps", "height", "width", "guidance",
-                "metrics", "lpips_net", "activation_scheme", "profile", "name", "granularity",
-                "strategy", "max_trials", "timeout_s", "storage", "criterion_metric",
+                "metrics", "lpips_net", "activation_scheme", "compile", "profile", "name", "granularity",
+                "strategy", "refine", "max_trials", "timeout_s", "storage", "criterion_metric",
                 "criterion_mean", "criterion_worst")
 
 
@@ -132,8 +134,13 @@ def cmd_run(args) -> int:
 
     study = _study(args)
     out = args.out or Path("reports") / study.slug
+    pool = None
+    if args.gpus is not None or args.workers:  # one worker per GPU, or N on CPU
+        from layerscan.workers import pool_for_run
+
+        pool = pool_for_run(args, study, out)
     session = _session(args, study)
-    outcome = run_study(session, out, study.strategy)
+    outcome = run_study(session, out, study.strategy, pool)
     path = write_report(session, outcome, out)
     rec = outcome.recommended
     answer = "no configuration met the criterion" if rec is None else \
@@ -145,6 +152,18 @@ def cmd_run(args) -> int:
         print(INTERRUPTED_MESSAGE, file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def cmd_worker(args) -> int:
+    from layerscan.workers import worker_main
+
+    return worker_main(args)
+
+
+def _add_worker_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--gpus", type=_ints, help="one worker per GPU, e.g. 0,1 (optuna only)")
+    group.add_argument("--workers", type=int, help="N workers sharing this host's CPU cores")
 
 
 def cmd_table(args) -> int:
@@ -190,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_flags(p)
     p.add_argument("--name", help="display name of the model in the table row")
     p.add_argument("--granularity", choices=["family", "block", "module"])
-    p.add_argument("--strategy", choices=["greedy", "optuna", "exhaustive"])
+    p.add_argument("--strategy", choices=["auto", "greedy", "optuna", "exhaustive"],
+                   help="auto (default): proxy-ordered greedy with early stopping")
+    p.add_argument("--refine", action="store_true", default=None,
+                   help="refine the sensitive groups one level finer (families to "
+                        "transformer_blocks.N.family cells, blocks to their families)")
     p.add_argument("--max-trials", dest="max_trials", type=int)
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output directory)")
@@ -198,7 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion-mean", dest="criterion_mean", type=float)
     p.add_argument("--criterion-worst", dest="criterion_worst", type=float)
     p.add_argument("--out", type=Path, help="report directory (default: reports/<model-slug>)")
+    _add_worker_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("worker", help="join a running Optuna study from another process or host")
+    p.add_argument("--study", required=True, help="the study name that layerscan run printed")
+    p.add_argument("--storage", help="the study's storage URL (default: $LAYERSCAN_STORAGE)")
+    p.add_argument("--model", help="the model's path on this host, when not the study's")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--cache-dir", dest="cache_dir", type=Path, help="baseline cache (see run)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--allow-missing-lpips", action="store_true")
+    p.add_argument("--out", type=Path, help="this worker's trials.jsonl directory")
+    p.add_argument("--label", help="name on this worker's trials (default: host-pid)")
+    p.add_argument("--seed-offset", dest="seed_offset", type=int, help="sampler seed offset")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    _add_worker_flags(p)
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("table", help="print the supported-models table from report directories")
     p.add_argument("reports", nargs="+", type=Path)

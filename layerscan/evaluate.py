@@ -7,6 +7,7 @@ A configuration that crashes, runs out of memory or produces NaN comes back as a
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,8 +18,8 @@ import torch
 from layerscan.engine import Fp8Engine, Ignored, describe, normalize
 from layerscan.errors import UserError
 from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png
-from layerscan.metrics import Scorer, summarize
-from layerscan.study import Criterion
+from layerscan.metrics import PSNR_IDENTICAL_DB, Scorer, summarize
+from layerscan.study import LOWER_IS_BETTER, Criterion
 
 # Called after each prompt with the per-prompt scores so far; returning True stops the
 # evaluation early (the record is then marked "stopped").
@@ -40,6 +41,7 @@ class TrialRecord:
     peak_memory_bytes: int | None = None
     seconds_per_image: float | None = None
     execution_mode: str = "eager"
+    residency: str = "both"  # DiT weights on the device: "both" copies or "requantize" on switch
     device: str = "cpu"
     error: str | None = None
     strategy: str = ""
@@ -66,11 +68,53 @@ class TrialRecord:
 
 
 def judge(record: TrialRecord, criterion: Criterion) -> TrialRecord:
-    """Set ``passes`` under ``criterion``; records are re-judged when a rerun changes it."""
+    """Set ``passes`` under ``criterion``; records are re-judged when a rerun changes it.
+
+    A stopped record never passes: its prompts were cut short, and only a proven failure stops.
+    """
     metric = criterion.metric
-    record.passes = (record.status != "failed" and metric in record.mean
+    record.passes = (record.status == "complete" and metric in record.mean
                      and criterion.passes(record.mean[metric], record.worst[metric]))
     return record
+
+
+# Best score a prompt not yet generated could still reach, for the "cannot pass any more" bound.
+_BEST_POSSIBLE = {"psnr": PSNR_IDENTICAL_DB, "ssim": 1.0, "lpips": 0.0}
+
+
+def failure_proven(per_prompt: list[dict[str, float]], total: int, criterion: Criterion) -> bool:
+    """True when ``per_prompt`` (the first of ``total`` prompts) already rules out a pass.
+
+    Either one prompt misses the worst-prompt threshold, or the mean misses its threshold even
+    if every remaining prompt scored the best possible value (PSNR at its cap, SSIM 1, LPIPS 0).
+    A pass is never proven early: one bad remaining prompt could still fail it.
+    """
+    values = [p.get(criterion.metric, math.nan) for p in per_prompt]
+    if not values:
+        return False
+    lower = LOWER_IS_BETTER[criterion.metric]
+    if any(math.isnan(v) or (v > criterion.worst if lower else v < criterion.worst) for v in values):
+        return True
+    best = _BEST_POSSIBLE.get(criterion.metric)
+    if best is None or len(values) >= total:
+        return False
+    bound = (math.fsum(values) + (total - len(values)) * best) / total
+    margin = 1e-9 * max(1.0, abs(criterion.mean))  # never stop on a rounding-level difference
+    return bound > criterion.mean + margin if lower else bound < criterion.mean - margin
+
+
+def stop_when_failure_proven(criterion: Criterion, total: int) -> StopRule:
+    """The safe early-stopping rule: stop as soon as ``failure_proven``."""
+    return lambda per_prompt: failure_proven(per_prompt, total, criterion)
+
+
+def still_decides(record: TrialRecord, total: int, criterion: Criterion) -> bool:
+    """Whether a stored record answers its configuration under ``criterion`` without rerunning.
+
+    Complete and failed records always do; a stopped one only while its prompts still prove a
+    failure under this criterion (a looser criterion may leave the question open).
+    """
+    return record.status != "stopped" or failure_proven(record.per_prompt, total, criterion)
 
 
 def _peak_reset(device: torch.device) -> None:
@@ -103,7 +147,9 @@ def evaluate(
     bf16_kept = engine.weight_bytes(config)["transformer"] - engine.weight_bytes(())["transformer"]
     record = TrialRecord(config, "complete", weight_bytes=engine.weight_bytes(config),
                          bf16_kept_bytes=bf16_kept if config is not None else 0,
-                         device=str(loaded.device))
+                         device=str(loaded.device), residency=engine.residency,
+                         execution_mode="compiled" if getattr(loaded.transformer, "_layerscan_compiled",
+                                                              False) else "eager")
     if image_dir is not None:
         image_dir.mkdir(parents=True, exist_ok=True)
     seconds = []
@@ -127,7 +173,8 @@ def evaluate(
     except RuntimeError as exc:
         record.status, record.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     record.peak_memory_bytes = _peak(loaded.device)
-    record.seconds_per_image = float(np.mean(seconds)) if seconds else None
+    # The median: a configuration's first image may include compilation when compiled.
+    record.seconds_per_image = float(np.median(seconds)) if seconds else None
     if record.per_prompt and record.status != "failed":
         summary = summarize(record.per_prompt)
         record.mean, record.worst = summary.mean, summary.worst

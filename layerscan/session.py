@@ -14,6 +14,22 @@ from layerscan.generate import Baseline, GenerationSpec, baseline_key, load_or_b
 from layerscan.metrics import Scorer, resolve_metrics
 from layerscan.pipeline import LoadedPipeline, load_pipeline
 from layerscan.study import Study
+from layerscan.workers import baseline_lock
+
+
+def compile_transformer(transformer) -> None:
+    """Compile the repeated blocks once; each FP8 configuration adds its own guard set, so the
+    recompile limit is raised rather than letting dynamo fall back to eager after eight."""
+    import torch
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 4096)
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(fullgraph=True)
+    else:
+        transformer.compile()
+    transformer._layerscan_compiled = True
 
 
 @dataclass
@@ -59,8 +75,15 @@ def open_session(
                            revision=study.revision, profile=study.profile)
     scorer = Scorer(metrics, study.lpips_net, str(loaded.device))
     engine = Fp8Engine(loaded, study.activation_scheme)
+    if engine.residency == "requantize":
+        warn("DiT weights: BF16 and FP8 copies do not fit side by side on "
+             f"{loaded.device}; re-quantizing on every switch")
+    if study.compile:
+        compile_transformer(loaded.transformer)
     engine.apply(None)
-    with tqdm(total=len(spec.items()), desc="BF16 baseline", unit="img", leave=False) as bar:
+    # One process builds a baseline; others on the same cache wait for it and load it.
+    with baseline_lock(loaded, spec, cache_root), \
+            tqdm(total=len(spec.items()), desc="BF16 baseline", unit="img", leave=False) as bar:
         baseline = load_or_build_baseline(loaded, spec, cache_root,
                                           on_image=lambda i, s: bar.update(1))
     return Session(study, loaded, engine, spec, scorer, metrics, baseline)

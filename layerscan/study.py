@@ -59,10 +59,12 @@ class Study:
     lpips_net: str = "alex"
     criterion: Criterion = field(default_factory=Criterion)
     granularity: str = "family"
-    strategy: str = "greedy"
+    strategy: str = "auto"
+    refine: bool = False  # after the search, refine sensitive groups one level finer
     max_trials: int = 200
     timeout_s: float | None = None
     activation_scheme: str = "token"
+    compile: bool = False  # compile the DiT's repeated blocks (FP8 only pays off compiled on GPUs)
     profile: str | None = None
     storage: str | None = None  # Optuna storage URL; None: SQLite under the output directory
     seed: int = 0  # sampler seed for strategies that draw at random

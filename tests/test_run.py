@@ -96,12 +96,16 @@ def test_nan_configuration_is_a_failed_trial_and_the_search_goes_on(planted_dir,
     session = open_session(build_study(values), "cpu")
     # FP8 weights of every to_out layer become NaN (e4m3fn has a NaN code): any configuration
     # that quantizes to_out now produces NaN images, for real, through the whole pipeline.
+    session.engine.apply([])  # makes the FP8 copies, which stay resident ("both" on CPU)
+    assert session.engine.residency == "both"
     modules = dict(session.loaded.transformer.named_modules())
     for layer in session.loaded.index.layers:
         if layer.engine_name.endswith("attn.to_out"):
             for name in layer.modules:
                 modules[name].weight_fp8.fill_(float("nan"))
-    assert torch.isnan(modules["transformer_blocks.0.attn.to_out.0"].weight_fp8.float()).all()
+    poisoned = modules["transformer_blocks.0.attn.to_out.0"].weight_fp8
+    assert poisoned.numel() > 0 and torch.isnan(poisoned.float()).all()
+    session.engine.apply(None)
     outcome = run_study(session, tmp_path / "nan")
     failed = [r for r in outcome.records if r.status == "failed"]
     assert failed and all("non-finite" in r.error for r in failed)

@@ -13,6 +13,7 @@ from layerscan.engine import describe
 from layerscan.errors import UserError
 from layerscan.evaluate import TrialRecord
 from layerscan.generate import iter_images, save_png
+from layerscan.proxy import evaluation_cost, report_section as proxy_report_section
 from layerscan.report.outputs import (
     ROW_HEADER, cli_flags, format_row, quantization_config, trials_frame, write_recommendation,
 )
@@ -20,6 +21,7 @@ from layerscan.report.plots import format_bytes, image_grid, pareto_chart, sensi
 from layerscan.runner import RunOutcome
 from layerscan.session import Session
 from layerscan.study import LOWER_IS_BETTER
+from layerscan.workers import redact_url as _redact  # storage URLs without passwords
 
 GRID_PROMPTS = 4  # image grids for the first few prompts keep the report readable
 
@@ -78,6 +80,7 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     write_recommendation(out_dir / "recommendation.json", study.model, rec, bf16, crit.describe(), {
         "strategy": study.strategy, "granularity": study.granularity,
         "evaluated_configurations": sum(r.config is not None for r in outcome.records),
+        **_cost(session, outcome),
         "pareto_front": [quantization_config(r)["ignored_layers"] for r in outcome.pareto],
         "storage": _redact(outcome.storage),
     })
@@ -114,14 +117,19 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     return path
 
 
-def _redact(url: str | None) -> str | None:
-    """Storage URLs are printed and recorded without their passwords."""
-    if not url or "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+def _cost(session: Session, outcome: RunOutcome) -> dict:
+    """Full evaluations in full-evaluation equivalents (a stopped one counts its prompts), and
+    the proxy cost in the same unit when a strategy used proxies."""
+    cost = evaluation_cost(outcome.records, len(session.spec.items()))
+    data = {"full_evaluation_equivalents": round(cost["full_evaluations"], 4),
+            "stopped_early": cost["stopped"]}
+    proxy = outcome.notes.get("proxy", {}).get("cost")
+    if proxy:
+        data["proxy_cost_full_evaluations"] = round(proxy["full_evaluations"], 4)
+        data["proxy_cost"] = proxy
+    if "refine" in outcome.notes:
+        data["refine"] = outcome.notes["refine"]
+    return data
 
 
 def _markdown(session, outcome, display, row, bf16, fp8_all, charts, grids) -> str:
@@ -146,7 +154,10 @@ def _markdown(session, outcome, display, row, bf16, fp8_all, charts, grids) -> s
             f"granularity; {evaluated} FP8 configurations evaluated "
             f"({outcome.new_evaluations} in the last invocation), stopped: {outcome.stop_reason}.",
             f"- Device: {device}, torch {torch.__version__}, {platform.machine()}; "
-            f"activation scaling per {study.activation_scheme}; times are eager mode.", ""]
+            f"activation scaling per {study.activation_scheme}; times are "
+            f"{bf16.execution_mode if bf16 else 'eager'} mode (median seconds per image); DiT weights "
+            f"{'resident in BF16 and FP8' if session.engine.residency == 'both' else 're-quantized on every switch (both copies do not fit)'}.",
+            ""]
     out += ["## Recommendation", ""]
     if rec is None:
         out += ["No FP8 configuration met the criterion. Keep the model in BF16 or relax the "
@@ -171,6 +182,13 @@ def _markdown(session, outcome, display, row, bf16, fp8_all, charts, grids) -> s
     if outcome.pareto:
         out += ["Pareto front (quality loss vs BF16-kept bytes): " +
                 "; ".join(describe(r.config) for r in outcome.pareto), ""]
+    cost = _cost(session, outcome)
+    out += [f"Cost: {evaluated} FP8 configurations, "
+            f"{cost['full_evaluation_equivalents']:.2f} full-evaluation equivalents "
+            f"({cost['stopped_early']} stopped early once their prompts proved a failure)"
+            + (f"; proxies {cost['proxy_cost_full_evaluations']:.3f}" if "proxy_cost_full_evaluations"
+               in cost else "") + ".", ""]
+    out += proxy_report_section(outcome.notes, outcome.records, crit)
     for title, name in charts:
         out += [f"## {title}", "", f"![{title}]({name})", ""]
     if grids:

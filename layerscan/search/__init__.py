@@ -4,22 +4,33 @@ from __future__ import annotations
 
 from layerscan.errors import UserError
 from layerscan.evaluate import TrialRecord
+from layerscan.refine import RefinedStrategy
+from layerscan.search.auto import AutoStrategy
 from layerscan.search.base import SearchContext, Strategy
 from layerscan.search.exhaustive import ExhaustiveStrategy
 from layerscan.search.greedy import GreedyStrategy
 from layerscan.search.optuna_search import OptunaStrategy
 
-STRATEGIES = ("greedy", "optuna", "exhaustive")
+STRATEGIES = ("auto", "greedy", "optuna", "exhaustive")
 
 
 def make_strategy(name: str, ctx: SearchContext, records: list[TrialRecord]) -> Strategy:
+    if name == "auto":
+        return AutoStrategy(refine=ctx.refine)  # refines with its proxies itself
+    strategy = _make(name, ctx, records)
+    # --refine for the others: their answer is refined by brute force (greedy over the cells).
+    return RefinedStrategy(strategy) if ctx.refine else strategy
+
+
+def _make(name: str, ctx: SearchContext, records: list[TrialRecord]) -> Strategy:
     if name == "greedy":
         return GreedyStrategy()
     if name == "exhaustive":
         return ExhaustiveStrategy()
     if name == "optuna":
-        # Seed Optuna with an earlier greedy answer for these settings, when there is one.
-        greedy = [r for r in records if r.strategy == "greedy" and r.passes and r.config is not None]
+        # Seed Optuna with an earlier greedy (or auto) answer for these settings, if there is one.
+        greedy = [r for r in records if r.strategy in ("greedy", "auto") and r.passes
+                  and r.config is not None]
         best = min(greedy, key=lambda r: r.bf16_kept_bytes, default=None)
         return OptunaStrategy(list(best.config) if best else None)
     raise UserError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")

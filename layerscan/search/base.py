@@ -9,8 +9,8 @@ new evaluation may start; strategies let it propagate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
 
 from layerscan.evaluate import TrialRecord
 from layerscan.layers import Group
@@ -30,10 +30,20 @@ class SearchContext:
     storage: str | None = None  # for strategies that persist state of their own (Optuna)
     study_name: str = ""
     max_trials: int = 200
+    session: Any = None  # the loaded pipeline, for strategies that measure proxies (auto)
+    refine: bool = False  # refine the answer inside its groups, one level finer (--refine)
+    notes: dict = field(default_factory=dict)  # what a strategy reports (proxy ranks, costs)
 
-    def evaluate(self, kept: Iterable[Group]) -> TrialRecord:
-        """Evaluate FP8 with ``kept`` groups left in BF16."""
-        return self.evaluate_patterns(tuple(sorted({g.pattern for g in kept})))
+    def evaluate(self, kept: Iterable[Group], early_stop: bool = False) -> TrialRecord:
+        """Evaluate FP8 with ``kept`` groups left in BF16.
+
+        ``early_stop``: stop after the prompt that proves the configuration fails (the record
+        is then "stopped", judged failing, and its scores cover only the prompts generated).
+        """
+        patterns = tuple(sorted({g.pattern for g in kept}))
+        if early_stop:
+            return self.evaluate_patterns(patterns, early_stop=True)
+        return self.evaluate_patterns(patterns)
 
     def passes(self, record: TrialRecord) -> bool:
         return record.status != "failed" and bool(record.passes)

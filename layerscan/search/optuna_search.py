@@ -4,64 +4,344 @@ The study lives in Optuna's own storage (SQLite under the output directory unles
 given) and is resumed by name, so a rerun continues rather than restarts.  It is seeded with
 FP8 everywhere, every group in BF16 and, when a greedy answer is known, that answer.
 Configurations already evaluated (by this or any strategy) are answered from the trial store.
+
+Many processes may work on one study at once (``layerscan worker``, ``--gpus``, ``--workers``);
+the storage is then the only shared truth:
+
+- Every trial declares its configuration (system attribute ``layerscan:config``) before it
+  evaluates anything, and ``_claim`` decides from the storage alone whether it evaluates:
+  a configuration already recorded by another trial is reused, one that a lower-numbered trial
+  owns (running or queued) makes this trial a pruned duplicate, and a queued replacement (the
+  nearest configuration nobody has) takes its place.  The lower trial number always wins, so
+  two processes never evaluate the same configuration.
+- Each evaluation's full record is stored on its trial (``layerscan:record``) so any process
+  can rebuild the report from the study.
+- Storages are opened with Optuna's heartbeat: a worker that dies mid-trial leaves a trial
+  whose heartbeat stops; the next process to start a trial fails it and queues one retry
+  (``RetryHeartbeatStaleTrialCallback(max_retry=1)``), and nobody finishes before every
+  running trial has been resolved.
+- The trial budget (``max_trials``) counts configurations evaluated in the whole study.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import itertools
+import json
 import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
-from layerscan.search.base import SearchContext
+from layerscan.evaluate import TrialRecord, judge
+from layerscan.search.base import BudgetExhausted, SearchContext
 
 PARAM_PREFIX = "bf16:"  # parameter names read "bf16:img_mlp" in optuna-dashboard
+METRIC_NAMES = ["quality_loss", "bf16_kept_bytes"]
+
+# Trial system attributes: machine-readable, shared by every process on the study.
+CONFIG_ATTR = "layerscan:config"  # canonical configuration key, declared before evaluating
+RECORD_ATTR = "layerscan:record"  # the TrialRecord of an evaluation made by this trial
+WORKER_ATTR = "layerscan:worker"  # {"worker": label, "host": ..., "pid": ...}
+DUPLICATE_ATTR = "layerscan:duplicate"  # pruned because another trial owns the configuration
+
+DEFAULT_HEARTBEAT_S = 30
+GRACE_FACTOR = 4  # a trial is stale after GRACE_FACTOR heartbeats without a beat
+CLAIM_RECENT_S = 300  # running trials older than this that never declared a config are ignored
+POLL_S = 0.2
 
 
 class TrialFailed(Exception):
     """The configuration crashed or produced NaN; Optuna records the trial as FAIL."""
 
 
+def config_key(patterns) -> str:
+    """One string per configuration, whatever the order of its patterns."""
+    return json.dumps(sorted(set(patterns)))
+
+
+def open_storage(url: str | None, heartbeat_s: int | None = DEFAULT_HEARTBEAT_S):
+    """An RDB storage for ``url`` with Optuna's heartbeat and one retry of stale trials.
+
+    ``None`` stays Optuna's in-memory storage (no heartbeat).  SQLite waits for its lock
+    instead of failing when several processes write at once.
+    """
+    if url is None:
+        return None
+    engine_kwargs: dict = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        kwargs: dict = {}
+        if heartbeat_s:
+            kwargs = dict(heartbeat_interval=int(heartbeat_s),
+                          grace_period=GRACE_FACTOR * int(heartbeat_s),
+                          heartbeat_stale_trial_callback=optuna.storages.
+                          RetryHeartbeatStaleTrialCallback(max_retry=1))
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+
+
+@dataclass
+class Sharing:
+    """How this process takes part in a study that other processes may share."""
+
+    worker: str = "main"  # label recorded on every trial this process runs
+    host: str = ""
+    device: str = ""  # e.g. "cuda (NVIDIA H200)", recorded on each trial
+    pid: int = 0
+    seed_offset: int = 0  # distinct sampler seeds, so workers do not all propose the same thing
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S
+    study_attrs: dict = field(default_factory=dict)  # the creator writes them (layerscan.workers)
+    join_only: bool = False  # `layerscan worker`: the study must exist; never created nor seeded
+    on_ready: Callable[[str, str], None] | None = None  # (name, URL) once the study exists
+
+
+def trial_key(trial: FrozenTrial, patterns: list[str]) -> str | None:
+    """The configuration a trial declared, or the one its (fixed) parameters spell."""
+    if CONFIG_ATTR in trial.system_attrs:
+        return trial.system_attrs[CONFIG_ATTR]
+    params = trial.system_attrs.get("fixed_params") or trial.params
+    names = [PARAM_PREFIX + p for p in patterns]
+    if not all(n in params for n in names):
+        return None
+    return config_key(p for p, n in zip(patterns, names) if params[n])
+
+
+@dataclass
+class Progress:
+    """What the study holds, as every worker sees it."""
+
+    evaluated: set[str]  # configurations with a record
+    in_flight: set[str]  # configurations an unfinished, non-duplicate trial owns
+    taken: set[str]  # evaluated, in flight or queued: nothing to gain from sampling these
+    trials: int
+
+
+def progress(study: optuna.Study, patterns: list[str], exclude: int | None = None) -> Progress:
+    evaluated, in_flight, taken, count = set(), set(), set(), 0
+    for t in study.get_trials(deepcopy=False):
+        count += 1
+        if t.number == exclude:
+            continue
+        key = trial_key(t, patterns)
+        if key is None:
+            continue
+        if RECORD_ATTR in t.system_attrs:
+            evaluated.add(key)
+        elif (t.state in (TrialState.RUNNING, TrialState.WAITING)
+              and not t.system_attrs.get(DUPLICATE_ATTR)):
+            in_flight.add(key)
+    taken = evaluated | in_flight
+    return Progress(evaluated, in_flight, taken, count)
+
+
 class OptunaStrategy:
     name = "optuna"
 
-    def __init__(self, greedy_answer: list[str] | None = None) -> None:
+    def __init__(self, greedy_answer: list[str] | None = None,
+                 sharing: Sharing | None = None) -> None:
         self.greedy_answer = greedy_answer
+        self.sharing = sharing
+        self.evaluated_here = 0
+        self._stop_reason: str | None = None
+
+    # --- the study ------------------------------------------------------------------------
+
+    def open_study(self, ctx: SearchContext) -> optuna.Study:
+        share = self.sharing or Sharing()
+        storage = open_storage(ctx.storage, share.heartbeat_s)
+        sampler = optuna.samplers.TPESampler(seed=ctx.seed + share.seed_offset, multivariate=True)
+        if share.join_only:
+            return optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=sampler)
+        study = optuna.create_study(
+            study_name=ctx.study_name, storage=storage, load_if_exists=True,
+            directions=["minimize", "minimize"], sampler=sampler,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(METRIC_NAMES)
+        for key, value in share.study_attrs.items():
+            study.set_user_attr(key, value)
+        self._enqueue_seeds(study, ctx)
+        return study
 
     def run(self, ctx: SearchContext) -> None:
         optuna.logging.set_verbosity(logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=ctx.seed, multivariate=True)
-        study = optuna.create_study(
-            study_name=ctx.study_name, storage=ctx.storage, load_if_exists=True,
-            directions=["minimize", "minimize"], sampler=sampler,
-        )
-        study.set_metric_names(["quality_loss", "bf16_kept_bytes"])
-        self._enqueue_seeds(study, ctx)
-        total = 2 ** len(ctx.groups)
-        seen = {tuple(sorted(t.params.items())) for t in study.trials}
+        share = self.sharing or Sharing()
+        study = self.open_study(ctx)
+        if share.on_ready is not None:
+            share.on_ready(ctx.study_name, ctx.storage)
+        patterns = [g.pattern for g in ctx.groups]
+        total = 2 ** len(patterns)
+        cap = max(3 * ctx.max_trials, ctx.max_trials + 50)  # trials, duplicates included
+        rng = random.Random(f"{ctx.seed}-{share.seed_offset}-{share.pid}")
+        self._stop_reason = None
+
+        def done() -> bool:
+            state = progress(study, patterns)
+            return (len(state.evaluated) >= min(ctx.max_trials, total) or len(state.taken) >= total
+                    or state.trials >= cap)
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
+            attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+            retry = "failed_trial" in attrs  # a stale trial's retry: it already had its budget
             kept = [g for g in ctx.groups
                     if trial.suggest_categorical(PARAM_PREFIX + g.pattern, [False, True])]
-            seen.add(tuple(sorted(trial.params.items())))
-            record = ctx.evaluate(kept)
-            trial.set_user_attr("ignored_layers", [g.pattern for g in kept])
-            trial.set_user_attr("status", record.status)
-            for metric, value in record.mean.items():
-                trial.set_user_attr(f"{metric}_mean", value)
-                trial.set_user_attr(f"{metric}_worst", record.worst[metric])
-            trial.set_user_attr("passes", bool(record.passes))
-            if record.status == "failed":
-                raise TrialFailed(record.error or "failed")
-            return ctx.loss(record), float(record.bf16_kept_bytes)
+            key = config_key(g.pattern for g in kept)
 
-        def stop_when_space_covered(study: optuna.Study, _trial) -> None:
-            if len(seen) >= total:
+            def set_sys(name: str, value) -> None:
+                trial.storage.set_trial_system_attr(trial._trial_id, name, value)
+
+            set_sys(WORKER_ATTR, {"worker": share.worker, "host": share.host, "pid": share.pid})
+            set_sys(CONFIG_ATTR, key)
+            trial.set_user_attr("worker", share.worker)
+            trial.set_user_attr("device", share.device or "")
+            trial.set_user_attr("ignored_layers", sorted(g.pattern for g in kept))
+            verdict, other = self._claim(study, trial.number, key)
+            if verdict == "recorded":
+                trial.set_user_attr("duplicate_of", other.number)
+                self._enqueue_neighbour(study, patterns, key, rng, ctx.max_trials)
+                record = TrialRecord.from_dict(other.system_attrs[RECORD_ATTR])
+                return self._values(trial, judge(record, ctx.criterion), ctx)
+            if verdict == "owned":
+                set_sys(DUPLICATE_ATTR, True)
+                trial.set_user_attr("duplicate_of", other.number)
+                self._enqueue_neighbour(study, patterns, key, rng, ctx.max_trials)
+                raise optuna.TrialPruned(f"trial {other.number} evaluates this configuration")
+            if not retry and len(progress(study, patterns, exclude=trial.number).taken
+                                 - {key}) >= ctx.max_trials:
+                set_sys(DUPLICATE_ATTR, True)  # not evaluated: the budget is spent
+                trial.set_user_attr("skipped", "budget")
+                study.stop()
+                raise optuna.TrialPruned("trial budget spent")
+            try:
+                record = ctx.evaluate(kept)
+            except BudgetExhausted as exc:
+                self._stop_reason = str(exc)
+                set_sys(DUPLICATE_ATTR, True)
+                trial.set_user_attr("skipped", str(exc))
+                study.stop()
+                raise optuna.TrialPruned(str(exc))
+            set_sys(RECORD_ATTR, record.to_dict())
+            self.evaluated_here += 1
+            return self._values(trial, record, ctx)
+
+        def stop_when_done(study: optuna.Study, _trial) -> None:
+            if self._stop_reason or done():
                 study.stop()
 
-        remaining = max(0, ctx.max_trials - len(study.trials))
-        if remaining and len(seen) < total:
-            study.optimize(objective, n_trials=remaining, catch=(TrialFailed,),
-                           callbacks=[stop_when_space_covered])
+        if not done():
+            study.optimize(objective, catch=(TrialFailed,), callbacks=[stop_when_done])
+        if self._stop_reason is None:
+            self._drain(study, objective)
+        if self._stop_reason:
+            raise BudgetExhausted(self._stop_reason)
+
+    # --- sharing the study ---------------------------------------------------------------
+
+    def _claim(self, study: optuna.Study, number: int, key: str) -> tuple[str, FrozenTrial | None]:
+        """Decide from the storage whether trial ``number`` evaluates configuration ``key``.
+
+        "recorded": another trial has the record; "owned": a lower-numbered trial owns it
+        (running, or queued with it); "evaluate": this trial does.  Trial numbers are handed
+        out in creation order under a lock, so a lower-numbered trial exists whenever a higher
+        one looks; while a lower one has not declared its configuration yet (microseconds
+        after sampling) this trial waits.  Of two trials on one configuration, the higher one
+        therefore always sees the lower and defers to it.
+        """
+        share = self.sharing or Sharing()
+        deadline = time.monotonic() + GRACE_FACTOR * share.heartbeat_s + CLAIM_RECENT_S / 10
+        while True:
+            undeclared = False
+            now = _dt.datetime.now()
+            for t in study.get_trials(deepcopy=False):
+                same = t.system_attrs.get(CONFIG_ATTR) == key
+                if same and t.number != number and RECORD_ATTR in t.system_attrs:
+                    return "recorded", t
+                if t.number >= number:
+                    continue
+                if t.state == TrialState.WAITING and trial_key(t, _patterns_of(t)) == key:
+                    return "owned", t
+                if t.state == TrialState.RUNNING:
+                    if CONFIG_ATTR not in t.system_attrs:
+                        started = t.datetime_start or now
+                        undeclared |= (now - started).total_seconds() < CLAIM_RECENT_S
+                    elif same and not t.system_attrs.get(DUPLICATE_ATTR):
+                        return "owned", t
+            if not undeclared or time.monotonic() > deadline:
+                return "evaluate", None
+            time.sleep(POLL_S)
+
+    def _enqueue_neighbour(self, study: optuna.Study, patterns: list[str], key: str,
+                           rng: random.Random, budget: int) -> None:
+        """Queue the nearest configuration nobody has evaluated, owns or queued yet.
+
+        A duplicate proposal means the sampler wants to be near ``key``; the replacement
+        keeps that intent without spending a trial on a configuration already known.
+        """
+        taken = progress(study, patterns).taken
+        if len(taken) >= budget:
+            return
+        here = set(json.loads(key))
+        n = len(patterns)
+        for distance in range(1, n + 1):
+            if math.comb(n, distance) > 4096:
+                flips = [tuple(rng.sample(patterns, distance)) for _ in range(256)]
+            else:
+                flips = list(itertools.combinations(patterns, distance))
+            candidates = sorted({config_key(here ^ set(f)) for f in flips} - taken)
+            if candidates:
+                kept = set(json.loads(rng.choice(candidates)))
+                study.enqueue_trial({PARAM_PREFIX + p: p in kept for p in patterns})
+                return
+
+    def _drain(self, study: optuna.Study, objective) -> None:
+        """Before finishing: run queued trials (retries first) and wait for everyone's trials.
+
+        A running trial whose worker died is failed by ``fail_stale_trials`` once its heartbeat
+        is older than the grace period, and its retry is queued and run here or elsewhere.
+        """
+        while True:
+            with warnings.catch_warnings():  # a no-op without heartbeat (in-memory storage)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            open_trials = study.get_trials(deepcopy=False,
+                                           states=(TrialState.WAITING, TrialState.RUNNING))
+            if any(t.state == TrialState.WAITING for t in open_trials):
+                study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+                if self._stop_reason:
+                    return
+                continue
+            # Only trials a layerscan worker declared are waited for: a RUNNING trial from some
+            # other program (or an old version without heartbeats) would never resolve.
+            if not any(WORKER_ATTR in t.system_attrs for t in open_trials):
+                return
+            time.sleep(POLL_S * 5)
+
+    # --- one trial's answer --------------------------------------------------------------
+
+    @staticmethod
+    def _values(trial: optuna.Trial, record: TrialRecord,
+                ctx: SearchContext) -> tuple[float, float]:
+        trial.set_user_attr("status", record.status)
+        for metric, value in record.mean.items():
+            trial.set_user_attr(f"{metric}_mean", value)
+            trial.set_user_attr(f"{metric}_worst", record.worst[metric])
+        trial.set_user_attr("passes", bool(record.passes))
+        trial.set_user_attr("weight_bytes_total", record.total_weight_bytes)
+        if record.seconds_per_image is not None:
+            trial.set_user_attr("seconds_per_image", record.seconds_per_image)
+        if record.status == "failed":
+            trial.set_user_attr("error", (record.error or "failed")[:200])
+            raise TrialFailed(record.error or "failed")
+        return ctx.loss(record), float(record.bf16_kept_bytes)
 
     def _enqueue_seeds(self, study: optuna.Study, ctx: SearchContext) -> None:
         patterns = [g.pattern for g in ctx.groups]
@@ -74,3 +354,9 @@ class OptunaStrategy:
             if params not in done:
                 study.enqueue_trial(params, skip_if_exists=True)
                 done.append(params)
+
+
+def _patterns_of(trial: FrozenTrial) -> list[str]:
+    """Group patterns named by a queued trial's fixed parameters (or its parameters)."""
+    params = trial.system_attrs.get("fixed_params") or trial.params
+    return [name[len(PARAM_PREFIX):] for name in params if name.startswith(PARAM_PREFIX)]

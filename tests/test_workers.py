@@ -1,0 +1,260 @@
+"""Many workers on one Optuna study: shared spec, no configuration twice, dead workers retried.
+
+The PostgreSQL tests need a server: .ci/run starts one and sets LAYERSCAN_TEST_POSTGRES to a
+SQLAlchemy URL (e.g. postgresql+psycopg2://user:password@127.0.0.1:5432/db).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from sqlalchemy.engine import make_url
+
+from layerscan.cli import main
+from layerscan.search.optuna_search import (
+    CONFIG_ATTR, DUPLICATE_ATTR, PARAM_PREFIX, RECORD_ATTR, WORKER_ATTR, OptunaStrategy, config_key,
+)
+from layerscan.study import build_study, load_study
+from layerscan.workers import SPEC_ATTR, pool_for_run, redact_url, study_values
+
+POSTGRES = os.environ.get("LAYERSCAN_TEST_POSTGRES")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES, reason="set LAYERSCAN_TEST_POSTGRES to a PostgreSQL SQLAlchemy URL "
+                         "(.ci/run starts a server and sets it)")
+CRITERION = ["--criterion-metric", "psnr", "--criterion-mean", "37", "--criterion-worst", "35"]
+PLANTED_ANSWER = ["img_mlp"]
+
+
+@pytest.fixture(scope="module")
+def two_prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("p") / "prompts.txt"
+    path.write_text("a red circle on a white background\na blue square in the top left corner\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory) -> Path:
+    from layerscan.tiny import save_planted
+
+    return save_planted("tiny-qwen-image", "img_mlp", None,
+                        tmp_path_factory.mktemp("m") / "planted")
+
+
+def _run_argv(model, out: Path, prompts: Path, *extra: str) -> list[str]:
+    return ["run", "--model", str(model), "--study", "tiny-qwen-image", "--prompts", str(prompts),
+            "--out", str(out), "--strategy", "optuna", *CRITERION, *extra]
+
+
+def _spawn(argv: list[str], logs: Path) -> subprocess.Popen:
+    """``layerscan`` in a process of its own; every worker of it runs torch on one thread.
+
+    Output goes to files (``logs``.out/.err): a full pipe would stall the process.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LAYERSCAN_HEARTBEAT": "1",
+           "OMP_NUM_THREADS": "1"}
+    with open(f"{logs}.out", "w") as out, open(f"{logs}.err", "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "layerscan.cli", *argv], env=env,
+                                stdout=out, stderr=err, text=True)
+
+
+def _finish(proc: subprocess.Popen, logs: Path, timeout: float = 600) -> tuple[str, str]:
+    proc.wait(timeout=timeout)
+    return Path(f"{logs}.out").read_text(), Path(f"{logs}.err").read_text()
+
+
+def _configs(path: Path) -> list[str]:
+    """The FP8 configurations a process evaluated, from its own trials.jsonl."""
+    if not path.exists():
+        return []
+    records = [json.loads(line)["record"] for line in path.read_text().splitlines()]
+    return [config_key(r["config"]) for r in records if r["config"] is not None]
+
+
+def _study(url: str, slug: str) -> optuna.Study:
+    names = [n for n in optuna.get_all_study_names(url) if f"-{slug}-" in n]
+    assert len(names) == 1, names
+    return optuna.load_study(study_name=names[0], storage=url)
+
+
+def test_storage_urls_are_redacted():
+    assert redact_url("postgresql+psycopg2://me:pw@db/x") == "postgresql+psycopg2://me:***@db/x"
+    assert redact_url("postgresql://me@db/x") == "postgresql://me@db/x"
+    assert redact_url("sqlite:////tmp/a@b/study.db") == "sqlite:////tmp/a@b/study.db"
+    assert redact_url(None) is None
+
+
+def test_study_spec_round_trips_through_json(two_prompts):
+    values = load_study("tiny-qwen-image")
+    values.update(model="tiny-qwen-image", prompts=str(two_prompts), criterion_metric="psnr",
+                  criterion_mean=37.0, criterion_worst=35.0, storage="postgresql://u:pw@h/db")
+    study = build_study(values)
+    spec = study_values(study)
+    assert "storage" not in spec and "pw" not in json.dumps(spec)
+    rebuilt = build_study(json.loads(json.dumps(spec)))
+    assert rebuilt.criterion == study.criterion and rebuilt.seeds == study.seeds
+    for name in ("model", "steps", "metrics", "granularity", "max_trials"):
+        assert getattr(rebuilt, name) == getattr(study, name)
+    assert rebuilt.strategy == "optuna" and Path(rebuilt.prompts) == two_prompts.resolve()
+
+
+def test_claim_lets_the_lower_trial_number_win(tmp_path):
+    """The rule that keeps two workers off one configuration, on a real (SQLite) storage."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}",
+                                directions=["minimize", "minimize"])
+    storage = study._storage
+    strategy = OptunaStrategy()
+    key = config_key(["img_mlp"])
+    low, high = study.ask(), study.ask()
+    for trial in (low, high):
+        storage.set_trial_system_attr(trial._trial_id, CONFIG_ATTR, key)
+    assert strategy._claim(study, low.number, key) == ("evaluate", None)
+    verdict, owner = strategy._claim(study, high.number, key)
+    assert verdict == "owned" and owner.number == low.number
+    # Once the owner has its record, every later proposal of the configuration reuses it.
+    storage.set_trial_system_attr(low._trial_id, RECORD_ATTR, {"config": ["img_mlp"]})
+    later = study.ask()
+    storage.set_trial_system_attr(later._trial_id, CONFIG_ATTR, key)
+    verdict, owner = strategy._claim(study, later.number, key)
+    assert verdict == "recorded" and owner.number == low.number
+    # A queued (WAITING) lower trial with the same parameters owns its configuration too.
+    other = config_key(["to_qkv"])
+    study.enqueue_trial({PARAM_PREFIX + "img_mlp": False, PARAM_PREFIX + "to_qkv": True})
+    fresh = storage.get_trial(storage.create_new_trial(study._study_id))  # running, behind it
+    storage.set_trial_system_attr(fresh._trial_id, CONFIG_ATTR, other)
+    verdict, owner = strategy._claim(study, fresh.number, other)
+    assert verdict == "owned" and owner.state == optuna.trial.TrialState.WAITING
+
+
+def test_baseline_is_built_once_by_concurrent_processes(planted_dir, two_prompts, tmp_path):
+    script = textwrap.dedent(f"""
+        import torch; torch.set_num_threads(1)
+        from layerscan.session import open_session
+        from layerscan.study import build_study, load_study
+        values = load_study("tiny-qwen-image")
+        values.update(model={str(planted_dir)!r}, prompts={str(two_prompts)!r})
+        session = open_session(build_study(values), "cpu")
+        print("cached" if session.baseline.cached else "built")
+    """)
+    env = {**os.environ, "LAYERSCAN_CACHE": str(tmp_path / "fresh-cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert sorted(out.split()[-1] for out, _ in outs) == ["built", "cached"]
+
+
+def test_other_strategies_say_they_run_on_one_worker(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this process keeps its own
+    args = argparse.Namespace(gpus=None, workers=2, device="cpu", trust_remote_code=False,
+                              allow_missing_lpips=False, cache_dir=None)
+    for strategy in ("greedy", "exhaustive", "auto"):
+        study = argparse.Namespace(strategy=strategy)
+        assert pool_for_run(args, study, tmp_path) is None
+        assert f"strategy {strategy} runs on one worker" in capsys.readouterr().err
+    pool = pool_for_run(args, argparse.Namespace(strategy="optuna"), tmp_path)
+    assert [s.label for s in pool.slots] == ["w1"] and pool.parent_label == "w0"
+    gpus = argparse.Namespace(**{**vars(args), "gpus": [2, 3], "workers": None, "device": None})
+    pool = pool_for_run(gpus, argparse.Namespace(strategy="optuna"), tmp_path)
+    assert gpus.device == "cuda:2" and pool.slots[0].env == {"CUDA_VISIBLE_DEVICES": "3"}
+
+
+def test_worker_needs_an_existing_study(tmp_path, capsys):
+    assert main(["worker", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+
+
+@needs_postgres
+def test_two_workers_evaluate_every_configuration_once(planted_dir, two_prompts, tmp_path):
+    slug = f"two-{uuid.uuid4().hex[:8]}"
+    url, budget = POSTGRES, 40
+    out = tmp_path / "run"
+    proc = _spawn(_run_argv(planted_dir, out, two_prompts, "--storage", url, "--workers", "2",
+                            "--max-trials", str(budget), "--name", slug), tmp_path / "run")
+    stdout, stderr = _finish(proc, tmp_path / "run")
+    assert proc.returncode == 0, stderr[-3000:]
+    password = make_url(url).password
+    log = (out / "workers" / "w1" / "worker.log").read_text()
+    assert password and f":{password}@" not in stdout + stderr + log  # URLs are shown redacted
+    mine, helper = _configs(out / "trials.jsonl"), _configs(out / "workers" / "w1" / "trials.jsonl")
+    evaluated = mine + helper
+    assert helper, "the second worker evaluated nothing"
+    assert [c for c, n in Counter(evaluated).items() if n > 1] == []  # nobody evaluated twice
+    study = _study(url, slug)
+    recorded = [t.system_attrs[CONFIG_ATTR] for t in study.trials if RECORD_ATTR in t.system_attrs]
+    assert sorted(recorded) == sorted(evaluated)  # every evaluation is in the shared study
+    assert len(evaluated) == budget
+    for t in study.trials:  # proposals of a known configuration were answered without evaluating
+        if RECORD_ATTR not in t.system_attrs and t.state == optuna.trial.TrialState.COMPLETE:
+            assert "duplicate_of" in t.user_attrs
+    assert set(study.user_attrs) >= {SPEC_ATTR, "eval_key", "prompts", "groups", "heartbeat_s"}
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["evaluated_configurations"] == budget
+    assert f"{budget} configurations on record" in stdout
+
+
+@needs_postgres
+def test_killed_worker_is_retried_and_the_answer_is_unchanged(planted_dir, two_prompts, tmp_path):
+    # Every one of the 2^6 configurations, so the answer does not depend on sampling order.
+    # The single-worker run goes on beside the two-worker one (they share nothing).
+    reference = _spawn(_run_argv(planted_dir, tmp_path / "single", two_prompts,
+                                 "--max-trials", "64"), tmp_path / "single")
+    slug = f"kill-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "two"
+    proc = _spawn(_run_argv(planted_dir, out, two_prompts, "--storage", POSTGRES, "--workers", "2",
+                            "--max-trials", "64", "--name", slug), tmp_path / "two")
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        names = [n for n in optuna.get_all_study_names(POSTGRES) if f"-{slug}-" in n]
+        study = optuna.load_study(study_name=names[0], storage=POSTGRES) if names else None
+        trials = study.get_trials(deepcopy=False) if study else []
+        recorded = {t.system_attrs.get(CONFIG_ATTR) for t in trials
+                    if RECORD_ATTR in t.system_attrs}
+        helper_done = [t for t in trials if RECORD_ATTR in t.system_attrs
+                       and t.system_attrs.get(WORKER_ATTR, {}).get("worker") == "w1"]
+        for t in trials:  # the helper's trial, past its claim, on a configuration nobody has
+            who = t.system_attrs.get(WORKER_ATTR, {})
+            if (helper_done and len(recorded) >= 24
+                    and t.state == optuna.trial.TrialState.RUNNING
+                    and who.get("worker") == "w1" and CONFIG_ATTR in t.system_attrs
+                    and not t.system_attrs.get(DUPLICATE_ATTR)
+                    and t.system_attrs[CONFIG_ATTR] not in recorded):
+                os.kill(who["pid"], signal.SIGKILL)
+                killed = t.number
+                break
+        time.sleep(0.02)
+    stdout, stderr = _finish(proc, tmp_path / "two")
+    assert killed is not None, "never caught the helper worker mid-trial"
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "worker w1 was killed by signal 9" in stderr
+    assert _configs(out / "workers" / "w1" / "trials.jsonl")  # it had contributed before
+    _, reference_err = _finish(reference, tmp_path / "single")
+    assert reference.returncode == 0, reference_err[-3000:]
+    single = json.loads((tmp_path / "single" / "recommendation.json").read_text())
+    assert single["quantization_config"]["ignored_layers"] == PLANTED_ANSWER
+
+    study = _study(POSTGRES, slug)
+    trials = {t.number: t for t in study.trials}
+    assert trials[killed].state == optuna.trial.TrialState.FAIL  # found stale by its heartbeat
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].system_attrs[CONFIG_ATTR] == trials[killed].system_attrs[CONFIG_ATTR]
+    assert not any(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+                   for t in study.trials)
+    recorded = [t.system_attrs[CONFIG_ATTR] for t in study.trials if RECORD_ATTR in t.system_attrs]
+    assert len(recorded) == len(set(recorded)) == 64
+    two = json.loads((out / "recommendation.json").read_text())
+    assert two["quantization_config"] == single["quantization_config"]
