@@ -193,7 +193,7 @@ def test_auto_equals_greedy_on_a_planted_family_with_a_third_of_the_evaluations(
         answer, _, _, outcome = _run(family_session, tmp_path / "greedy", "auto")
     assert answer == ("img_mlp",) and outcome.new_evaluations == 0
     assert any("proxies unavailable" in line for line in outcome.notes["proxy"]["log"])
-    # Through the command line, with the report (the tiny study file asks for greedy).
+    # Through the command line, with the report.
     out = tmp_path / "auto"
     assert main(["run", "--model", family_session.study.model, "--study", "tiny-qwen-image",
                  "--prompts", str(prompts), "--out", str(out), *CRITERION, "--strategy", "auto"]) == 0

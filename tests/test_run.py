@@ -106,7 +106,7 @@ def test_nan_configuration_is_a_failed_trial_and_the_search_goes_on(planted_dir,
     poisoned = modules["transformer_blocks.0.attn.to_out.0"].weight_fp8
     assert poisoned.numel() > 0 and torch.isnan(poisoned.float()).all()
     session.engine.apply(None)
-    outcome = run_study(session, tmp_path / "nan")
+    outcome = run_study(session, tmp_path / "nan", "greedy")
     failed = [r for r in outcome.records if r.status == "failed"]
     assert failed and all("non-finite" in r.error for r in failed)
     assert all("to_out" not in (r.config or ()) for r in failed)
