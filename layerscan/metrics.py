@@ -218,6 +218,20 @@ def check_lpips_weights(net: str = "alex") -> None:
         raise LpipsWeightsMissing(_missing_message(net, path, "the file does not exist"))
 
 
+def _metric_names(requested: Sequence[str]) -> list[str]:
+    """Known metric names, lower-cased and de-duplicated in request order; at least one."""
+    names: list[str] = []
+    for raw in requested:
+        name = raw.strip().lower()
+        if name not in METRICS:
+            raise UserError(f"unknown metric {raw!r}; choose from: {', '.join(METRICS)}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UserError(f"no metrics requested; choose from: {', '.join(METRICS)}")
+    return names
+
+
 def resolve_metrics(
     requested: Sequence[str], lpips_net: str, allow_missing_lpips: bool
 ) -> list[str]:
@@ -232,17 +246,7 @@ def resolve_metrics(
     """
     if isinstance(requested, str):
         requested = requested.split(",")
-    names: list[str] = []
-    for raw in requested:
-        name = raw.strip().lower()
-        if not name:
-            continue
-        if name not in METRICS:
-            raise UserError(f"unknown metric {raw!r}; choose from: {', '.join(METRICS)}")
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise UserError(f"no metrics requested; choose from: {', '.join(METRICS)}")
+    names = _metric_names([raw for raw in requested if raw.strip()])
     if "lpips" in names:
         _check_net(lpips_net)
         try:
@@ -426,16 +430,7 @@ class Scorer:
     ) -> None:
         if isinstance(metrics, str):
             metrics = metrics.split(",")
-        names: list[str] = []
-        for raw in metrics:
-            name = raw.strip().lower()
-            if name not in METRICS:
-                raise UserError(f"unknown metric {raw!r}; choose from: {', '.join(METRICS)}")
-            if name not in names:
-                names.append(name)
-        if not names:
-            raise UserError(f"no metrics requested; choose from: {', '.join(METRICS)}")
-        self.metrics: tuple[str, ...] = tuple(names)
+        self.metrics: tuple[str, ...] = tuple(_metric_names(metrics))
         self.lpips_net = lpips_net
         self.device = device
         self._lpips: torch.nn.Module | None = None

@@ -37,3 +37,18 @@ def prompts_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("a red circle\n# a comment\n\na blue square on the left\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def two_prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("p") / "prompts.txt"
+    path.write_text("a red circle on a white background\na blue square in the top left corner\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def planted_dir(tmp_path_factory) -> Path:
+    """Tiny Qwen-Image with a massive activation planted in every img_mlp: FP8 hurts img_mlp."""
+    from layerscan.tiny import save_planted
+
+    return save_planted("tiny-qwen-image", "img_mlp", None, tmp_path_factory.mktemp("m") / "planted")

@@ -26,18 +26,6 @@ from layerscan.study import build_study, load_study
 CRITERION = ["--criterion-metric", "psnr", "--criterion-mean", "37", "--criterion-worst", "35"]
 
 
-@pytest.fixture(scope="module")
-def two_prompts(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("p") / "prompts.txt"
-    path.write_text("a red circle on a white background\na blue square in the top left corner\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def planted_dir(tmp_path_factory) -> Path:
-    from layerscan.tiny import save_planted
-
-    return save_planted("tiny-qwen-image", "img_mlp", None, tmp_path_factory.mktemp("m") / "planted")
 
 
 def _run(model, out: Path, prompts: Path, *extra: str) -> dict:
