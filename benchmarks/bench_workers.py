@@ -31,7 +31,7 @@ from pathlib import Path
 
 import optuna
 
-from layerscan.search.optuna_search import RECORD_ATTR, WORKER_ATTR
+from layerscan.search.optuna_search import WORKER_ATTR, record_of
 from layerscan.workers import redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def analyse(url: str, name: str, workers: int, wall: float) -> dict:
     """Throughput of one finished run, from the timestamps of its study's trials."""
     names = [n for n in optuna.get_all_study_names(url) if name in n]
     study = optuna.load_study(study_name=names[0], storage=url)
-    evals = [t for t in study.trials if RECORD_ATTR in t.system_attrs]
+    evals = [t for t in study.trials if record_of(t) is not None]
     first = min(t.datetime_start for t in evals)
     last = max(t.datetime_complete for t in evals)
     search_s = (last - first).total_seconds()

@@ -119,7 +119,7 @@ def shared_records(records: list, storage_url: str | None, study_name: str, crit
     import optuna
 
     from layerscan.evaluate import TrialRecord, judge
-    from layerscan.search.optuna_search import RECORD_ATTR, open_storage
+    from layerscan.search.optuna_search import open_storage, record_of
 
     if storage_url is None:
         return records
@@ -129,7 +129,7 @@ def shared_records(records: list, storage_url: str | None, study_name: str, crit
         return records
     merged = {r.config: r for r in records}
     for trial in study.get_trials(deepcopy=False):
-        data = trial.system_attrs.get(RECORD_ATTR)
+        data = record_of(trial)
         if data is not None:
             record = judge(TrialRecord.from_dict(data), criterion)
             merged.setdefault(record.config, record)

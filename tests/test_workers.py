@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -24,10 +25,14 @@ import torch
 from sqlalchemy.engine import make_url
 
 from layerscan.cli import main
+from layerscan.evaluate import TrialRecord
+from layerscan.layers import Group
+from layerscan.search.base import SearchContext
 from layerscan.search.optuna_search import (
     CONFIG_ATTR, DUPLICATE_ATTR, PARAM_PREFIX, RECORD_ATTR, WORKER_ATTR, OptunaStrategy, config_key,
+    Sharing, progress, record_of, trial_key,
 )
-from layerscan.study import build_study, load_study
+from layerscan.study import Criterion, build_study, load_study
 from layerscan.workers import SPEC_ATTR, pool_for_run, redact_url, study_values
 
 POSTGRES = os.environ.get("LAYERSCAN_TEST_POSTGRES")
@@ -125,11 +130,64 @@ def test_claim_lets_the_lower_trial_number_win(tmp_path):
     assert verdict == "owned" and owner.state == optuna.trial.TrialState.WAITING
 
 
+def test_last_budget_slot_goes_to_the_lower_trial(tmp_path):
+    """Two trials that each see the other in flight with one slot left: exactly one gives way."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}",
+                                directions=["minimize", "minimize"])
+    storage, patterns = study._storage, ["img_mlp", "to_qkv"]
+    done, low, high = study.ask(), study.ask(), study.ask()
+    storage.set_trial_system_attr(done._trial_id, CONFIG_ATTR, config_key([]))
+    storage.set_trial_system_attr(done._trial_id, RECORD_ATTR, {"config": []})
+    for trial, kept in ((low, ["img_mlp"]), (high, ["to_qkv"])):
+        storage.set_trial_system_attr(trial._trial_id, CONFIG_ATTR, config_key(kept))
+    budget = 2  # one evaluation made, one slot left, two claimants
+    seen_by_low = progress(study, patterns, before=low.number).taken - {config_key(["img_mlp"])}
+    seen_by_high = progress(study, patterns, before=high.number).taken - {config_key(["to_qkv"])}
+    assert len(seen_by_low) < budget <= len(seen_by_high)
+
+
+def test_retry_reuses_the_record_its_dead_worker_stored(tmp_path):
+    """A worker that died between storing its record and finishing the trial: the retry
+    inherits the record, must not evaluate again, and must not count as a second record."""
+    groups = [Group(p, "family", (f"transformer_blocks.0.{p}",), 10) for p in ("img_mlp", "to_qkv")]
+    url, name = f"sqlite:///{tmp_path / 's.db'}", "retry"
+    study = optuna.create_study(study_name=name, storage=url, directions=["minimize", "minimize"])
+    dead = study.ask({PARAM_PREFIX + g.pattern: optuna.distributions.CategoricalDistribution(
+        [False, True]) for g in groups})
+    dead_key = trial_key(study._storage.get_trial(dead._trial_id), [g.pattern for g in groups])
+    kept = sorted(json.loads(dead_key))
+    for attr, value in ((CONFIG_ATTR, dead_key), (WORKER_ATTR, {"worker": "w1", "pid": 0}),
+                        (RECORD_ATTR, TrialRecord(tuple(kept), "complete", mean={"psnr": 40.0},
+                                                  worst={"psnr": 39.0}).to_dict())):
+        study._storage.set_trial_system_attr(dead._trial_id, attr, value)
+    study._storage.set_trial_state_values(dead._trial_id, optuna.trial.TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    retry_callback(study, study.trials[dead.number])  # what the heartbeat check does
+
+    asked = []
+
+    def evaluate(patterns):
+        asked.append(config_key(patterns))
+        return TrialRecord(patterns, "complete", mean={"psnr": 40.0}, worst={"psnr": 39.0})
+
+    ctx = SearchContext(groups, Criterion("psnr", 37.0, 35.0), evaluate, storage=url,
+                        study_name=name, max_trials=4)
+    OptunaStrategy(sharing=Sharing(heartbeat_s=0)).run(ctx)
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == dead.number)
+    assert retry.state == optuna.trial.TrialState.COMPLETE and record_of(retry) is None
+    assert dead_key not in asked and sorted(asked) == sorted(set(asked))
+    recorded = [t.system_attrs[CONFIG_ATTR] for t in trials if record_of(t) is not None]
+    assert sorted(recorded) == sorted(set(recorded)) and len(recorded) == 4
+
+
 def test_baseline_is_built_once_by_concurrent_processes(planted_dir, two_prompts, tmp_path):
     script = textwrap.dedent(f"""
         import torch; torch.set_num_threads(1)
         from layerscan.session import open_session
-        from layerscan.study import build_study, load_study
+        from layerscan.study import Criterion, build_study, load_study
         values = load_study("tiny-qwen-image")
         values.update(model={str(planted_dir)!r}, prompts={str(two_prompts)!r})
         session = open_session(build_study(values), "cpu")
@@ -180,11 +238,11 @@ def test_two_workers_evaluate_every_configuration_once(planted_dir, two_prompts,
     assert helper, "the second worker evaluated nothing"
     assert [c for c, n in Counter(evaluated).items() if n > 1] == []  # nobody evaluated twice
     study = _study(url, slug)
-    recorded = [t.system_attrs[CONFIG_ATTR] for t in study.trials if RECORD_ATTR in t.system_attrs]
+    recorded = [t.system_attrs[CONFIG_ATTR] for t in study.trials if record_of(t) is not None]
     assert sorted(recorded) == sorted(evaluated)  # every evaluation is in the shared study
     assert len(evaluated) == budget
     for t in study.trials:  # proposals of a known configuration were answered without evaluating
-        if RECORD_ATTR not in t.system_attrs and t.state == optuna.trial.TrialState.COMPLETE:
+        if record_of(t) is None and t.state == optuna.trial.TrialState.COMPLETE:
             assert "duplicate_of" in t.user_attrs
     assert set(study.user_attrs) >= {SPEC_ATTR, "eval_key", "prompts", "groups", "heartbeat_s"}
     rec = json.loads((out / "recommendation.json").read_text())
@@ -209,8 +267,8 @@ def test_killed_worker_is_retried_and_the_answer_is_unchanged(planted_dir, two_p
         study = optuna.load_study(study_name=names[0], storage=POSTGRES) if names else None
         trials = study.get_trials(deepcopy=False) if study else []
         recorded = {t.system_attrs.get(CONFIG_ATTR) for t in trials
-                    if RECORD_ATTR in t.system_attrs}
-        helper_done = [t for t in trials if RECORD_ATTR in t.system_attrs
+                    if record_of(t) is not None}
+        helper_done = [t for t in trials if record_of(t) is not None
                        and t.system_attrs.get(WORKER_ATTR, {}).get("worker") == "w1"]
         for t in trials:  # the helper's trial, past its claim, on a configuration nobody has
             who = t.system_attrs.get(WORKER_ATTR, {})
@@ -241,7 +299,7 @@ def test_killed_worker_is_retried_and_the_answer_is_unchanged(planted_dir, two_p
     assert retries[0].system_attrs[CONFIG_ATTR] == trials[killed].system_attrs[CONFIG_ATTR]
     assert not any(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
                    for t in study.trials)
-    recorded = [t.system_attrs[CONFIG_ATTR] for t in study.trials if RECORD_ATTR in t.system_attrs]
+    recorded = [t.system_attrs[CONFIG_ATTR] for t in study.trials if record_of(t) is not None]
     assert len(recorded) == len(set(recorded)) == 64
     two = json.loads((out / "recommendation.json").read_text())
     assert two["quantization_config"] == single["quantization_config"]

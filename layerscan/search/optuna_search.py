@@ -47,7 +47,7 @@ METRIC_NAMES = ["quality_loss", "bf16_kept_bytes"]
 
 # Trial system attributes: machine-readable, shared by every process on the study.
 CONFIG_ATTR = "layerscan:config"  # canonical configuration key, declared before evaluating
-RECORD_ATTR = "layerscan:record"  # the TrialRecord of an evaluation made by this trial
+RECORD_ATTR = "layerscan:record"  # the TrialRecord of an evaluation made by this trial (or None)
 WORKER_ATTR = "layerscan:worker"  # {"worker": label, "host": ..., "pid": ...}
 DUPLICATE_ATTR = "layerscan:duplicate"  # pruned because another trial owns the configuration
 
@@ -103,6 +103,16 @@ class Sharing:
     on_ready: Callable[[str, str], None] | None = None  # (name, URL) once the study exists
 
 
+def record_of(trial: FrozenTrial) -> dict | None:
+    """The evaluation this trial made, if it made one.
+
+    A retry inherits every system attribute of the trial it replaces; when the dead worker had
+    stored its record before dying, the retry overwrites its copy with None (system attributes
+    cannot be deleted), so each evaluation is on exactly one trial.
+    """
+    return trial.system_attrs.get(RECORD_ATTR)
+
+
 def trial_key(trial: FrozenTrial, patterns: list[str]) -> str | None:
     """The configuration a trial declared, or the one its (fixed) parameters spell."""
     if CONFIG_ATTR in trial.system_attrs:
@@ -124,19 +134,26 @@ class Progress:
     trials: int
 
 
-def progress(study: optuna.Study, patterns: list[str], exclude: int | None = None) -> Progress:
+def progress(study: optuna.Study, patterns: list[str], before: int | None = None) -> Progress:
+    """The study's state; with ``before``, as trial number ``before`` sees it when it claims.
+
+    Then only lower-numbered trials count as in flight: they have priority, so of two trials
+    that both see the other in flight when one budget slot is left, the lower one evaluates
+    (counting both, each would give way and the slot would stay unused).
+    """
     evaluated, in_flight, taken, count = set(), set(), set(), 0
     for t in study.get_trials(deepcopy=False):
         count += 1
-        if t.number == exclude:
+        if t.number == before:
             continue
         key = trial_key(t, patterns)
         if key is None:
             continue
-        if RECORD_ATTR in t.system_attrs:
+        if record_of(t) is not None:
             evaluated.add(key)
         elif (t.state in (TrialState.RUNNING, TrialState.WAITING)
-              and not t.system_attrs.get(DUPLICATE_ATTR)):
+              and not t.system_attrs.get(DUPLICATE_ATTR)
+              and (before is None or t.number < before)):
             in_flight.add(key)
     taken = evaluated | in_flight
     return Progress(evaluated, in_flight, taken, count)
@@ -192,6 +209,10 @@ class OptunaStrategy:
         def objective(trial: optuna.Trial) -> tuple[float, float]:
             attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
             retry = "failed_trial" in attrs  # a stale trial's retry: it already had its budget
+            if retry and attrs.get(RECORD_ATTR) is not None:
+                # The dead worker stored its record but died before finishing the trial:
+                # that record stays on the failed trial, and this retry reuses it below.
+                trial.storage.set_trial_system_attr(trial._trial_id, RECORD_ATTR, None)
             kept = [g for g in ctx.groups
                     if trial.suggest_categorical(PARAM_PREFIX + g.pattern, [False, True])]
             key = config_key(g.pattern for g in kept)
@@ -208,14 +229,14 @@ class OptunaStrategy:
             if verdict == "recorded":
                 trial.set_user_attr("duplicate_of", other.number)
                 self._enqueue_neighbour(study, patterns, key, rng, ctx.max_trials)
-                record = TrialRecord.from_dict(other.system_attrs[RECORD_ATTR])
+                record = TrialRecord.from_dict(record_of(other))
                 return self._values(trial, judge(record, ctx.criterion), ctx)
             if verdict == "owned":
                 set_sys(DUPLICATE_ATTR, True)
                 trial.set_user_attr("duplicate_of", other.number)
                 self._enqueue_neighbour(study, patterns, key, rng, ctx.max_trials)
                 raise optuna.TrialPruned(f"trial {other.number} evaluates this configuration")
-            if not retry and len(progress(study, patterns, exclude=trial.number).taken
+            if not retry and len(progress(study, patterns, before=trial.number).taken
                                  - {key}) >= ctx.max_trials:
                 set_sys(DUPLICATE_ATTR, True)  # not evaluated: the budget is spent
                 trial.set_user_attr("skipped", "budget")
@@ -263,7 +284,7 @@ class OptunaStrategy:
             now = _dt.datetime.now()
             for t in study.get_trials(deepcopy=False):
                 same = t.system_attrs.get(CONFIG_ATTR) == key
-                if same and t.number != number and RECORD_ATTR in t.system_attrs:
+                if same and t.number != number and record_of(t) is not None:
                     return "recorded", t
                 if t.number >= number:
                     continue
