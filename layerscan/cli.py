@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", dest="max_trials", type=int)
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output directory)")
-    p.add_argument("--criterion-metric", dest="criterion_metric", choices=["lpips", "ssim", "psnr"])
+    p.add_argument("--criterion-metric", dest="criterion_metric",
+                   choices=["lpips", "ssim", "psnr", "accuracy"])
     p.add_argument("--criterion-mean", dest="criterion_mean", type=float)
     p.add_argument("--criterion-worst", dest="criterion_worst", type=float)
     p.add_argument("--out", type=Path, help="report directory (default: reports/<model-slug>)")

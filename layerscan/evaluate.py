@@ -79,7 +79,7 @@ def judge(record: TrialRecord, criterion: Criterion) -> TrialRecord:
 
 
 # Best score a prompt not yet generated could still reach, for the "cannot pass any more" bound.
-_BEST_POSSIBLE = {"psnr": PSNR_IDENTICAL_DB, "ssim": 1.0, "lpips": 0.0}
+_BEST_POSSIBLE = {"psnr": PSNR_IDENTICAL_DB, "ssim": 1.0, "lpips": 0.0, "accuracy": 1.0}
 
 
 def failure_proven(per_prompt: list[dict[str, float]], total: int, criterion: Criterion) -> bool:
@@ -153,11 +153,12 @@ def evaluate(
     if image_dir is not None:
         image_dir.mkdir(parents=True, exist_ok=True)
     seconds = []
+    prompts = [prompt for _, prompt, _ in spec.items()]
     _peak_reset(loaded.device)
     try:
         for index, image, elapsed in iter_images(loaded, spec):
             seconds.append(elapsed)
-            record.per_prompt.append(scorer.score_pair(image, baseline.images[index]))
+            record.per_prompt.append(scorer.score_pair(image, baseline.images[index], prompts[index]))
             if image_dir is not None:
                 save_png(image, image_dir / spec.image_name(index))
             if on_image:

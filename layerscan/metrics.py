@@ -9,6 +9,11 @@ Three metrics, all computed on the uint8 HxWx3 arrays layerscan writes as PNG:
 * ``ssim`` -- structural similarity (higher is better), ``skimage`` implementation.
 * ``psnr`` -- peak signal-to-noise ratio in dB (higher is better), capped at
   ``PSNR_IDENTICAL_DB`` so identical images do not produce ``inf``.
+* ``accuracy`` -- task-level fidelity, for prompts the demo checker reads
+  (``layerscan.demo.checker``): 1 when the picture shows every colour, shape, position and
+  background its prompt names, else 0; the mean over prompts is prompt-following accuracy.
+  Unlike the other three it compares with the prompt, not with the BF16 picture, so BF16
+  itself has an accuracy to compare FP8 with.
 
 How the ``lpips`` package loads weights (read from lpips 0.1.4, relied on here):
 
@@ -50,6 +55,7 @@ __all__ = [
     "MetricInfo",
     "MetricSummary",
     "Scorer",
+    "check_accuracy_prompts",
     "check_lpips_weights",
     "lpips_weights_path",
     "lpips_weights_url",
@@ -113,6 +119,7 @@ METRICS: dict[str, MetricInfo] = {
     "lpips": MetricInfo("lpips", higher_is_better=False, unit="", fmt=".4f"),
     "ssim": MetricInfo("ssim", higher_is_better=True, unit="", fmt=".4f"),
     "psnr": MetricInfo("psnr", higher_is_better=True, unit="dB", fmt=".2f"),
+    "accuracy": MetricInfo("accuracy", higher_is_better=True, unit="", fmt=".3f"),
 }
 
 
@@ -413,6 +420,25 @@ def _ssim(image: np.ndarray, reference: np.ndarray) -> float:
     )
 
 
+def check_accuracy_prompts(prompts: Sequence[str]) -> None:
+    """``accuracy`` needs prompts that name what the checker reads; say which do not."""
+    from layerscan.demo.checker import parse_prompt
+
+    unreadable = [p for p in prompts if parse_prompt(p).colour is None or parse_prompt(p).shape is None]
+    if unreadable:
+        raise UserError(f"metric 'accuracy' reads demo-style prompts (\"a red circle in the top left on a "
+                        f"white background\"); {len(unreadable)} prompt(s) name no colour or shape, "
+                        f"e.g. {unreadable[0]!r}: drop 'accuracy' from the metrics or use such prompts")
+
+
+def _prompt_accuracy(image: np.ndarray, prompt: str | None) -> float:
+    from layerscan.demo.checker import check
+
+    if prompt is None:
+        raise ValueError("metric 'accuracy' needs the prompt of each image")
+    return 1.0 if check(image, prompt).correct else 0.0
+
+
 class Scorer:
     """Scores images against references with a fixed set of metrics.
 
@@ -460,8 +486,10 @@ class Scorer:
             distance = self._lpips(x[0:1], x[1:2])
         return float(distance.reshape(-1)[0].item())
 
-    def score_pair(self, image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-        """Score one generated image against its baseline; keys in the order of ``metrics``."""
+    def score_pair(self, image: np.ndarray, reference: np.ndarray,
+                   prompt: str | None = None) -> dict[str, float]:
+        """Score one generated image against its baseline (and, for ``accuracy``, its prompt);
+        keys in the order of ``metrics``."""
         _check_pair(image, reference)
         scores: dict[str, float] = {}
         for name in self.metrics:
@@ -469,17 +497,23 @@ class Scorer:
                 scores[name] = self._lpips_distance(image, reference)
             elif name == "ssim":
                 scores[name] = _ssim(image, reference)
+            elif name == "accuracy":
+                scores[name] = _prompt_accuracy(image, prompt)
             else:
                 scores[name] = _psnr(image, reference)
         return scores
 
     def score(
-        self, images: Sequence[np.ndarray], references: Sequence[np.ndarray]
+        self, images: Sequence[np.ndarray], references: Sequence[np.ndarray],
+        prompts: Sequence[str] | None = None,
     ) -> MetricSummary:
         """Score prompt i's image against reference i for every i, then summarize."""
-        if len(images) != len(references):
+        if len(images) != len(references) or (prompts is not None and len(prompts) != len(images)):
             raise ValueError(
-                f"got {len(images)} images but {len(references)} references; "
-                "need one baseline image per generated image"
+                f"got {len(images)} images but {len(references)} references"
+                f"{'' if prompts is None else f' and {len(prompts)} prompts'}; "
+                "need one baseline image (and prompt) per generated image"
             )
-        return summarize([self.score_pair(img, ref) for img, ref in zip(images, references)])
+        prompts = list(prompts) if prompts is not None else [None] * len(images)
+        return summarize([self.score_pair(img, ref, prompt)
+                          for img, ref, prompt in zip(images, references, prompts)])

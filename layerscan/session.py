@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from layerscan.engine import Fp8Engine
 from layerscan.generate import Baseline, GenerationSpec, baseline_key, load_or_build_baseline, read_prompts
-from layerscan.metrics import Scorer, resolve_metrics
+from layerscan.metrics import Scorer, check_accuracy_prompts, resolve_metrics
 from layerscan.pipeline import LoadedPipeline, load_pipeline
 from layerscan.study import Study
 from layerscan.workers import baseline_lock
@@ -65,6 +65,8 @@ def open_session(
     if len(metrics) < len(study.metrics):
         warn("warning: LPIPS backbone weights are missing; scoring without LPIPS "
              "(see the message of `layerscan eval` without --allow-missing-lpips for how to add them)")
+    if "accuracy" in metrics:
+        check_accuracy_prompts(prompts)
     if study.criterion.metric not in metrics:
         from layerscan.errors import UserError
         raise UserError(f"the criterion uses {study.criterion.metric}, which cannot be computed "

@@ -169,5 +169,6 @@ def _default_criterion(metric: str | None) -> Criterion:
     """Each metric's default thresholds (rationale in studies/README.md)."""
     defaults = {"lpips": Criterion("lpips", 0.05, 0.10),
                 "ssim": Criterion("ssim", 0.95, 0.90),
-                "psnr": Criterion("psnr", 30.0, 25.0)}
+                "psnr": Criterion("psnr", 30.0, 25.0),
+                "accuracy": Criterion("accuracy", 0.9, 0.0)}
     return defaults.get(metric or "lpips", Criterion(metric or "lpips"))

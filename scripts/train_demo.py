@@ -34,15 +34,27 @@ says after how many steps, and passing that number as the step count reproduces 
 GPU non-determinism). ``--init DIR`` continues from a saved pipeline; with ``--vae-part decoder``
 the encoder, and so the latent space the DiT was trained in, stays as it was.
 
-The shipped weights (``layerscan/demo/pipeline``) came from two runs on one H200, the second
-continuing the first; their ``training.json`` holds both records (the first under ``init``).
+The shipped weights (``layerscan/demo/pipeline``) came from three runs on one H200, each
+continuing the last; their ``training.json`` holds all three records (earlier ones nested under
+``init``) and, under ``evaluations``, the checks made afterwards on a CPU with ``--eval-only``.
 Time limits stopped each phase; these step counts reproduce them:
 
     python scripts/train_demo.py --out /tmp/stage1 --vae-batch 128 --vae-fg-weight 1 \
-        --vae-steps 1296 --dit-batch 256 --dit-lr 4e-4 --dit-steps 3496 --eval-random 512
+        --vae-schedule constant --vae-steps 1296 --dit-batch 256 --dit-lr 4e-4 --dit-steps 3496 \
+        --eval-random 512
     python scripts/train_demo.py --init /tmp/stage1 --vae-part decoder --vae-batch 256 \
-        --vae-steps 657 --dit-batch 1024 --dit-lr 3e-4 --dit-warmup 50 --ema 0.998 \
-        --dit-steps 1011 --eval-random 256 --out layerscan/demo/pipeline
+        --vae-schedule constant --vae-steps 657 --dit-batch 1024 --dit-lr 3e-4 --dit-warmup 50 \
+        --ema 0.998 --dit-steps 1011 --eval-random 256 --out /tmp/stage2
+    python scripts/train_demo.py --init /tmp/stage2 --vae-part decoder --pool 100000 \
+        --vae-batch 256 --vae-steps 1659 --dit-steps 0 --no-eval --out layerscan/demo/pipeline
+    python scripts/train_demo.py --eval-only --device cpu --eval-random 256 --out layerscan/demo/pipeline
+
+The third run trained only the decoder (the checker's accuracy on VAE reconstructions went from
+75 % to 90 %, and on BF16 generations of the 36 study prompts on a CPU from 72 % to 81 %).  A
+longer variant of it, 200 s of decoder and 60 s more of DiT (``--vae-steps 2600
+--max-vae-seconds 200 --dit-batch 1024 --dit-lr 2e-4 --dit-warmup 50 --ema 0.998 --dit-steps 800
+--max-dit-seconds 60``), measured 93 % on reconstructions and 34 of 36 prompts (94 %) on the H200,
+but its weights were not kept; it is the next step towards the 95 % goal.
 
 Measured there: a DiT step takes ~75 ms at batch 256 and at batch 1024 alike (the step is bound
 by kernel-launch overhead, not arithmetic), a VAE step ~65 ms at batch 128. The defaults are the
@@ -89,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-lr", type=float, default=5e-4)
     p.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the mean KL per latent element")
     p.add_argument("--vae-warmup", type=int, default=200, help="linear learning-rate warmup steps")
+    p.add_argument("--vae-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="learning rate after warmup: cosine decay over the step or time budget, or constant")
     p.add_argument("--vae-fg-weight", type=float, default=10.0,
                    help="L1 weight of shape pixels relative to background pixels (1: plain L1)")
     p.add_argument("--vae-part", choices=("all", "decoder"), default="all",
@@ -109,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-random", type=int, default=0, help="also check this many random captions (batched)")
     p.add_argument("--eval-limit", type=int, default=None, help="check only the first N demo prompts")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--eval-only", action="store_true",
+                   help="train nothing: check the pipeline at --out and add the result to its training.json")
     p.add_argument("--init", default=None,
                    help="continue from this pipeline directory (its VAE and DiT) instead of fresh weights")
     p.add_argument("--samples", default=None, help="write a PNG grid of the demo-prompt generations here")
@@ -231,8 +247,12 @@ def train_vae(args, vae, images, backgrounds, device, record) -> None:
     warmup = args.vae_warmup
     start, losses, step = time.perf_counter(), [], 0
     for step in range(1, args.vae_steps + 1):
+        # Cosine decay over the budget, steps or seconds, whichever runs out first: a VAE has no
+        # EMA, so its last weights are the ones shipped and should come from a small step size.
+        spent = max(step / args.vae_steps, (time.perf_counter() - start) / args.max_vae_seconds)
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, spent))) if args.vae_schedule == "cosine" else 1.0
         for group in opt.param_groups:
-            group["lr"] = args.vae_lr * min(1.0, step / warmup)
+            group["lr"] = args.vae_lr * min(1.0, step / warmup) * decay
         idx = torch.randint(len(images), (args.vae_batch,), generator=gen, device=device)
         x = to_model(images[idx])
         shape_pixels = (images[idx] != backgrounds[idx].view(-1, 3, 1, 1)).any(dim=1, keepdim=True).unsqueeze(2)
@@ -433,6 +453,18 @@ def evaluate(args, out: Path, device, record) -> None:
         record["eval_random"] = evaluate_random(args, loaded.pipe, device)
 
 
+def evaluate_saved(args, out: Path, device) -> int:
+    """``--eval-only``: the checks of a finished run, made again here (e.g. on the CPU users have)."""
+    path = out / "training.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    here: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                  "versions": {"torch": torch.__version__}}
+    evaluate(args, out, device, here)
+    record.setdefault("evaluations", []).append(here)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
 @torch.no_grad()
 def evaluate_random(args, pipe, device, batch: int = 128) -> dict:
     """Checker accuracy on captions of fresh seeded scenes (unseen seed), generated in batches."""
@@ -466,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out)
+    if args.eval_only:
+        return evaluate_saved(args, out, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True

@@ -186,6 +186,39 @@ def test_accuracy_counts_per_attribute():
         accuracy(images, prompts[:2])
 
 
+def test_accuracy_metric_scores_each_picture_against_its_prompt():
+    from layerscan.metrics import Scorer
+
+    good = pil_scene("square", "green", "center", "white")
+    prompts = ["a green square in the center on a white background",
+               "a green circle in the center on a white background"]
+    summary = Scorer(["psnr", "accuracy"]).score([good, good], [good, good], prompts)
+    assert [s["accuracy"] for s in summary.per_prompt] == [1.0, 0.0]
+    assert summary.mean["accuracy"] == 0.5 and summary.worst["accuracy"] == 0.0
+    assert summary.mean["psnr"] == 100.0  # the reference metrics still compare with the reference
+    with pytest.raises(ValueError, match="needs the prompt"):
+        Scorer(["accuracy"]).score_pair(good, good)
+
+
+def test_accuracy_metric_refuses_prompts_the_checker_cannot_read():
+    from layerscan.errors import UserError
+    from layerscan.metrics import check_accuracy_prompts
+
+    check_accuracy_prompts(["a red circle in the top left on a white background", "blue square"])
+    with pytest.raises(UserError, match="1 prompt.*'a photo of a cat'"):
+        check_accuracy_prompts(["a red circle", "a photo of a cat"])
+
+
+def test_accuracy_criterion_stops_once_the_mean_is_out_of_reach():
+    from layerscan.evaluate import failure_proven
+    from layerscan.study import Criterion
+
+    criterion = Criterion("accuracy", 0.75, 0.0)
+    assert failure_proven([{"accuracy": 0.0}, {"accuracy": 0.0}], 4, criterion)  # at best 2/4
+    assert not failure_proven([{"accuracy": 1.0}, {"accuracy": 0.0}], 4, criterion)  # 3/4 possible
+    assert criterion.passes(0.75, 0.0) and not criterion.passes(0.7, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # The shipped pipeline
 # ----------------------------------------------------------------------------------------------
@@ -258,11 +291,10 @@ def test_shipped_pipeline_loads_offline_and_generates(demo_pipe, generated):
 
 
 def test_shipped_pipeline_follows_prompts_in_bf16(generated):
-    # The shipped weights are under-trained: 72-75 % of the 36 study prompts fully right in BF16
-    # (the goal is 95 %; scripts/train_demo.py's defaults are the full recipe).  This bound is
-    # what they reliably do -- colour, position and background almost always, shape often --
-    # so a regression in loading or generation still fails it.
+    # The shipped weights get 29 of the 36 study prompts fully right on the CPU in BF16 (81 %;
+    # the goal is 95 %, see training.json), all six of these among them; one miss is allowed
+    # for thread-count-dependent rounding, so a regression in loading or generation still fails.
     prompts, images = generated
     results = [check(im, p) for im, p in zip(images, prompts)]
-    assert sum(r.correct for r in results) >= 3, [checker.describe(r) for r in results]
-    assert sum(r.position_ok for r in results) >= 5, [checker.describe(r) for r in results]
+    assert sum(r.correct for r in results) >= 5, [checker.describe(r) for r in results]
+    assert all(r.position_ok for r in results), [checker.describe(r) for r in results]

@@ -13,6 +13,7 @@ from layerscan.engine import describe
 from layerscan.errors import UserError
 from layerscan.evaluate import TrialRecord
 from layerscan.generate import iter_images, save_png
+from layerscan.metrics import METRICS
 from layerscan.proxy import evaluation_cost, report_section as proxy_report_section
 from layerscan.report.outputs import (
     ROW_HEADER, cli_flags, format_row, quantization_config, trials_frame, write_recommendation,
@@ -41,7 +42,7 @@ def render(session: Session, config) -> list[np.ndarray] | None:
 def _fmt(value: float | None, metric: str) -> str:
     if value is None:
         return "—"
-    return f"{value:.2f}" if metric == "psnr" else f"{value:.4f}"
+    return format(value, METRICS[metric].fmt)
 
 
 def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended) -> str:
