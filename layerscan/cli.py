@@ -9,6 +9,7 @@ from pathlib import Path
 
 from layerscan.errors import UserError
 
+DEFAULT_MODEL = "demo"  # the trained offline pipeline shipped in layerscan/demo/pipeline
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 INTERRUPTED_MESSAGE = ("interrupted: every finished evaluation is kept; "
@@ -28,7 +29,8 @@ def _ints(text: str) -> list[int]:
 
 def _add_study_flags(p: argparse.ArgumentParser) -> None:
     """Flags that override study fields; None means "not given" so the study file wins."""
-    p.add_argument("--model", help="hub id (org/Model), pipeline directory or built-in tiny name")
+    p.add_argument("--model", help="hub id (org/Model), pipeline directory or built-in name "
+                                   f"(default, without --study: {DEFAULT_MODEL!r}, the trained demo)")
     p.add_argument("--study", help="study TOML file (or the name of one in studies/)")
     p.add_argument("--revision", help="hub revision of the model")
     p.add_argument("--prompts", help="prompt file, one prompt per line")
@@ -62,6 +64,10 @@ STUDY_FIELDS = ("model", "revision", "prompts", "seeds", "steps", "height", "wid
 def _study(args: argparse.Namespace, **extra):
     from layerscan.study import build_study, find_study_for_model, load_study
 
+    if not args.study and not args.model:
+        print(f"no --model: using the built-in {DEFAULT_MODEL} model (a small trained Qwen-Image)",
+              file=sys.stderr)
+        args.model = DEFAULT_MODEL
     study_path = args.study or (args.model and find_study_for_model(args.model))
     values = load_study(study_path) if study_path else {}
     if study_path and not args.study:

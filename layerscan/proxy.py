@@ -582,7 +582,11 @@ def report_section(notes: dict, records, criterion) -> list[str]:
     proxy = notes.get("proxy")
     if not proxy:
         return []
-    cost = proxy["cost"]
+    decisions = ["Decisions:", ""] + [f"- {line}" for line in proxy["log"]] + [""] if proxy.get("log") else []
+    cost = proxy.get("cost")
+    if cost is None:  # FP8 everywhere passed (or there were no groups): nothing to rank
+        return ["## Proxy sensitivity", "", "No proxy was measured: with FP8 everywhere meeting the "
+                "criterion there is no group to rank.", ""] + decisions
     out = ["## Proxy sensitivity", "",
            f"Strategy `auto` replayed {cost['samples']} recorded BF16 DiT call(s) (of "
            f"{cost['full_evaluation_calls']} per full evaluation: {cost['images']} image(s) × "
@@ -614,9 +618,7 @@ def report_section(notes: dict, records, criterion) -> list[str]:
                "row being on record already" if cost.get("record_calls") else "")
             + (f"; {cost['cached_calls']:g} calls answered from the proxy cache" if cost["cached_calls"] else "")
             + ").", ""]
-    if proxy.get("log"):
-        out += ["Decisions:", ""] + [f"- {line}" for line in proxy["log"]] + [""]
-    return out
+    return out + decisions
 
 
 def evaluation_cost(records, images: int) -> dict:

@@ -298,3 +298,19 @@ def test_shipped_pipeline_follows_prompts_in_bf16(generated):
     results = [check(im, p) for im, p in zip(images, prompts)]
     assert sum(r.correct for r in results) >= 5, [checker.describe(r) for r in results]
     assert all(r.position_ok for r in results), [checker.describe(r) for r in results]
+
+
+def test_demo_is_the_default_model_and_scores_accuracy(tmp_path, capsys, one_cpu_thread):
+    from layerscan.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle in the top left on a white background\n"
+                       "a blue square in the center on a black background\n")
+    out = tmp_path / "eval"
+    assert main(["eval", "--ignore", "img_mlp", "--prompts", str(prompts), "--steps", "3",
+                 "--out", str(out)]) == 0
+    assert "using the built-in demo model" in capsys.readouterr().err
+    record = json.loads((out / "eval.json").read_text())
+    assert record["config"] == ["img_mlp"]
+    assert set(record["mean"]) == {"ssim", "psnr", "accuracy"}  # the demo study's metrics
+    assert [p["accuracy"] in (0.0, 1.0) for p in record["per_prompt"]] == [True, True]

@@ -58,11 +58,14 @@ def test_every_strategy_finds_the_planted_family(planted_dir, two_prompts, tmp_p
     print(f"{strategy}: {len(fp8)} FP8 configurations evaluated")
 
 
-def test_clean_model_needs_nothing(two_prompts, tmp_path):
-    rec = _run("tiny-qwen-image", tmp_path / "clean", two_prompts, "--strategy", "greedy")
+@pytest.mark.parametrize("strategy", ["greedy", "auto"])
+def test_clean_model_needs_nothing(two_prompts, tmp_path, strategy):
+    rec = _run("tiny-qwen-image", tmp_path / "clean", two_prompts, "--strategy", strategy)
     assert rec["quantization_config"]["ignored_layers"] == []
     assert (tmp_path / "clean" / "row.md").read_text().rstrip().endswith("| None |")
     assert rec["evaluated_configurations"] == 1  # FP8 everywhere passed: nothing else to try
+    if strategy == "auto":
+        assert "No proxy was measured" in (tmp_path / "clean" / "report.md").read_text()
 
 
 def test_rerun_resumes_instead_of_repeating(planted_dir, two_prompts, tmp_path, capsys):
