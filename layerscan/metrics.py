@@ -424,7 +424,8 @@ def check_accuracy_prompts(prompts: Sequence[str]) -> None:
     """``accuracy`` needs prompts that name what the checker reads; say which do not."""
     from layerscan.demo.checker import parse_prompt
 
-    unreadable = [p for p in prompts if parse_prompt(p).colour is None or parse_prompt(p).shape is None]
+    specs = {p: parse_prompt(p) for p in prompts}
+    unreadable = [p for p, spec in specs.items() if spec.colour is None or spec.shape is None]
     if unreadable:
         raise UserError(f"metric 'accuracy' reads demo-style prompts (\"a red circle in the top left on a "
                         f"white background\"); {len(unreadable)} prompt(s) name no colour or shape, "
