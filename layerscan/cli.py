@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from layerscan.errors import UserError
+from layerscan.metrics import METRICS
 
 DEFAULT_MODEL = "demo"  # the trained offline pipeline shipped in layerscan/demo/pipeline
 EXIT_USER_ERROR = 2
@@ -39,7 +40,7 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--metrics", type=_csv, help="comma-separated: lpips,ssim,psnr")
+    p.add_argument("--metrics", type=_csv, help="comma-separated: " + ",".join(METRICS))
     p.add_argument("--lpips-net", dest="lpips_net", choices=["alex", "vgg"])
     p.add_argument("--activation-scheme", dest="activation_scheme", choices=["token", "tensor"],
                    help="dynamic FP8 activation scale per token (vLLM-Omni default) or per tensor")
@@ -223,8 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", dest="max_trials", type=int)
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output directory)")
-    p.add_argument("--criterion-metric", dest="criterion_metric",
-                   choices=["lpips", "ssim", "psnr", "accuracy"])
+    p.add_argument("--criterion-metric", dest="criterion_metric", choices=list(METRICS))
     p.add_argument("--criterion-mean", dest="criterion_mean", type=float)
     p.add_argument("--criterion-worst", dest="criterion_worst", type=float)
     p.add_argument("--out", type=Path, help="report directory (default: reports/<model-slug>)")
