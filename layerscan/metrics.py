@@ -1,6 +1,6 @@
-"""Score generated images against the BF16 baseline images of the same prompts.
+"""Score generated images against the BF16 baseline images of the same prompts (and their prompts).
 
-Three metrics, all computed on the uint8 HxWx3 arrays layerscan writes as PNG:
+Four metrics, all computed on the uint8 HxWx3 arrays layerscan writes as PNG:
 
 * ``lpips`` -- learned perceptual distance (lower is better). Needs the torchvision ImageNet
   backbone checkpoint on disk; it is never downloaded and never replaced by random weights,
@@ -56,6 +56,7 @@ __all__ = [
     "MetricSummary",
     "Scorer",
     "check_accuracy_prompts",
+    "checker_fingerprint",
     "check_lpips_weights",
     "lpips_weights_path",
     "lpips_weights_url",
@@ -430,6 +431,18 @@ def check_accuracy_prompts(prompts: Sequence[str]) -> None:
         raise UserError(f"metric 'accuracy' reads demo-style prompts (\"a red circle in the top left on a "
                         f"white background\"); {len(unreadable)} prompt(s) name no colour or shape, "
                         f"e.g. {unreadable[0]!r}: drop 'accuracy' from the metrics or use such prompts")
+
+
+def checker_fingerprint() -> str:
+    """A hash of the checker's code and the palette it names colours by."""
+    import hashlib
+
+    from layerscan.demo import checker, scenes
+
+    digest = hashlib.sha256()
+    for module in (checker, scenes):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _prompt_accuracy(image: np.ndarray, prompt: str | None) -> float:

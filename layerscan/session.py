@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from layerscan.engine import Fp8Engine
 from layerscan.generate import Baseline, GenerationSpec, baseline_key, load_or_build_baseline, read_prompts
-from layerscan.metrics import Scorer, check_accuracy_prompts, resolve_metrics
+from layerscan.metrics import Scorer, check_accuracy_prompts, checker_fingerprint, resolve_metrics
 from layerscan.pipeline import LoadedPipeline, load_pipeline
 from layerscan.study import Study
 from layerscan.workers import baseline_lock
@@ -48,6 +48,8 @@ class Session:
         fields = dict(baseline=baseline_key(self.loaded, self.spec), metrics=self.metrics,
                       lpips_net=self.study.lpips_net, scheme=self.study.activation_scheme,
                       profile=self.loaded.profile.name)
+        if "accuracy" in self.metrics:  # a changed checker scores the same pictures differently
+            fields["checker"] = checker_fingerprint()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 

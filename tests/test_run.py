@@ -139,3 +139,17 @@ def test_weights_at_rest_are_fp8_during_a_run(planted_dir, two_prompts):
     session.engine.apply(["img_mlp"])
     assert session.loaded.pipe.text_encoder.model.language_model.layers[0].mlp.up_proj.weight.dtype \
         == FP8_DTYPE
+
+
+def test_a_criterion_metric_flag_brings_its_own_thresholds():
+    from layerscan.cli import _study, build_parser
+    from layerscan.errors import UserError
+    from layerscan.study import Criterion
+
+    parse = build_parser().parse_args
+    # studies/demo.toml sets PSNR 30/25: those numbers mean nothing as an accuracy.
+    assert _study(parse(["run", "--criterion-metric", "accuracy"])).criterion == Criterion("accuracy", 0.9, 0.0)
+    assert _study(parse(["run", "--criterion-metric", "accuracy", "--criterion-mean", "0.7"])
+                  ).criterion == Criterion("accuracy", 0.7, 0.0)
+    with pytest.raises(UserError, match="outside the range of ssim"):
+        _study(parse(["run", "--metrics", "ssim", "--criterion-metric", "ssim", "--criterion-mean", "30"]))

@@ -146,6 +146,19 @@ def test_last_budget_slot_goes_to_the_lower_trial(tmp_path):
     assert len(seen_by_low) < budget <= len(seen_by_high)
 
 
+def test_a_queued_retry_holds_its_budget_slot(tmp_path):
+    """A retry evaluates without a budget check, so lower trials must count it as in flight."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}",
+                                directions=["minimize", "minimize"])
+    storage, patterns = study._storage, ["img_mlp", "to_qkv"]
+    low = study.ask()
+    storage.set_trial_system_attr(low._trial_id, CONFIG_ATTR, config_key(["img_mlp"]))
+    study.add_trial(optuna.trial.create_trial(  # queued after `low`, as Optuna queues retries
+        state=optuna.trial.TrialState.WAITING,
+        system_attrs={"failed_trial": 0, CONFIG_ATTR: config_key(["to_qkv"])}))
+    assert progress(study, patterns, before=low.number).taken == {config_key(["to_qkv"])}
+
+
 def test_retry_reuses_the_record_its_dead_worker_stored(tmp_path):
     """A worker that died between storing its record and finishing the trial: the retry
     inherits the record, must not evaluate again, and must not count as a second record."""

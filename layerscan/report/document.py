@@ -149,7 +149,8 @@ def _markdown(session, outcome, display, row, bf16, fp8_all, charts, grids) -> s
             f"- Prompts: {len(session.spec.prompts)} × seeds {list(session.spec.seeds)}; "
             f"{session.spec.steps} steps, {session.spec.width}x{session.spec.height}, "
             f"guidance {session.spec.guidance:g}.",
-            f"- Criterion: {crit.describe()} against the BF16 baseline. Metrics: "
+            f"- Criterion: {crit.describe()} "
+            f"{'(each picture against its prompt)' if crit.metric == 'accuracy' else 'against the BF16 baseline'}. Metrics: "
             f"{', '.join(session.metrics)}.",
             f"- Search: `{study.strategy}` over {len(outcome.groups)} groups at `{study.granularity}` "
             f"granularity; {evaluated} FP8 configurations evaluated "

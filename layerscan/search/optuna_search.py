@@ -107,8 +107,9 @@ def record_of(trial: FrozenTrial) -> dict | None:
     """The evaluation this trial made, if it made one.
 
     A retry inherits every system attribute of the trial it replaces; when the dead worker had
-    stored its record before dying, the retry overwrites its copy with None (system attributes
-    cannot be deleted), so each evaluation is on exactly one trial.
+    stored its record before dying, the retry overwrites its copy with None once it runs
+    (system attributes cannot be deleted).  Until then both trials carry the record, which is
+    harmless: every reader counts configurations, not trials.
     """
     return trial.system_attrs.get(RECORD_ATTR)
 
@@ -139,7 +140,9 @@ def progress(study: optuna.Study, patterns: list[str], before: int | None = None
 
     Then only lower-numbered trials count as in flight: they have priority, so of two trials
     that both see the other in flight when one budget slot is left, the lower one evaluates
-    (counting both, each would give way and the slot would stay unused).
+    (counting both, each would give way and the slot would stay unused).  A retry counts
+    whatever its number: it evaluates without checking the budget (its slot is the one the dead
+    trial held), so a lower trial must not take that slot too.
     """
     evaluated, in_flight, taken, count = set(), set(), set(), 0
     for t in study.get_trials(deepcopy=False):
@@ -153,7 +156,7 @@ def progress(study: optuna.Study, patterns: list[str], before: int | None = None
             evaluated.add(key)
         elif (t.state in (TrialState.RUNNING, TrialState.WAITING)
               and not t.system_attrs.get(DUPLICATE_ATTR)
-              and (before is None or t.number < before)):
+              and (before is None or t.number < before or "failed_trial" in t.system_attrs)):
             in_flight.add(key)
     taken = evaluated | in_flight
     return Progress(evaluated, in_flight, taken, count)
@@ -208,11 +211,15 @@ class OptunaStrategy:
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
             attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
-            retry = "failed_trial" in attrs  # a stale trial's retry: it already had its budget
-            if retry and attrs.get(RECORD_ATTR) is not None:
-                # The dead worker stored its record but died before finishing the trial:
-                # that record stays on the failed trial, and this retry reuses it below.
+            # A stale trial's retry: every other trial counted it in flight since the dead one
+            # started, so its budget slot is held for it (see progress).
+            retry = "failed_trial" in attrs
+            if retry:
+                # It inherited the dead attempt's system attributes.  A record stored just before
+                # the worker died stays on the failed trial, and this retry reuses it below; a
+                # duplicate mark was that attempt's verdict, not this one's.
                 trial.storage.set_trial_system_attr(trial._trial_id, RECORD_ATTR, None)
+                trial.storage.set_trial_system_attr(trial._trial_id, DUPLICATE_ATTR, False)
             kept = [g for g in ctx.groups
                     if trial.suggest_categorical(PARAM_PREFIX + g.pattern, [False, True])]
             key = config_key(g.pattern for g in kept)
