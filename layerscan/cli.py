@@ -71,7 +71,8 @@ def _study(args: argparse.Namespace, **extra):
         args.model = DEFAULT_MODEL
     study_path = args.study or (args.model and find_study_for_model(args.model))
     values = load_study(study_path) if study_path else {}
-    if args.criterion_metric and args.criterion_metric != values.get("criterion_metric", "lpips"):
+    metric = getattr(args, "criterion_metric", None)  # `run` has the flag, `eval` does not
+    if metric and metric != values.get("criterion_metric", "lpips"):
         # The file's thresholds are for its own metric; another one starts from its defaults.
         values.pop("criterion_mean", None)
         values.pop("criterion_worst", None)
