@@ -18,7 +18,7 @@ import torch
 from layerscan.engine import Fp8Engine, Ignored, describe, normalize
 from layerscan.errors import UserError
 from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png
-from layerscan.metrics import PSNR_IDENTICAL_DB, Scorer, summarize
+from layerscan.metrics import METRICS, Scorer, summarize
 from layerscan.study import LOWER_IS_BETTER, Criterion
 
 # Called after each prompt with the per-prompt scores so far; returning True stops the
@@ -78,9 +78,6 @@ def judge(record: TrialRecord, criterion: Criterion) -> TrialRecord:
     return record
 
 
-# Best score a prompt not yet generated could still reach, for the "cannot pass any more" bound.
-_BEST_POSSIBLE = {"psnr": PSNR_IDENTICAL_DB, "ssim": 1.0, "lpips": 0.0, "accuracy": 1.0}
-
 
 def failure_proven(per_prompt: list[dict[str, float]], total: int, criterion: Criterion) -> bool:
     """True when ``per_prompt`` (the first of ``total`` prompts) already rules out a pass.
@@ -95,8 +92,8 @@ def failure_proven(per_prompt: list[dict[str, float]], total: int, criterion: Cr
     lower = LOWER_IS_BETTER[criterion.metric]
     if any(math.isnan(v) or (v > criterion.worst if lower else v < criterion.worst) for v in values):
         return True
-    best = _BEST_POSSIBLE.get(criterion.metric)
-    if best is None or len(values) >= total:
+    best = METRICS[criterion.metric].best  # what a prompt not yet generated could still reach
+    if len(values) >= total:
         return False
     bound = (math.fsum(values) + (total - len(values)) * best) / total
     margin = 1e-9 * max(1.0, abs(criterion.mean))  # never stop on a rounding-level difference

@@ -101,14 +101,22 @@ class LpipsWeightsMissing(UserError):
 class MetricInfo:
     """Static facts about a metric that reports and summaries need.
 
-    ``higher_is_better`` decides what "worst" means; ``unit`` and ``fmt`` are display hints
-    (``format(value, fmt)`` followed by ``unit``).
+    ``higher_is_better`` decides what "worst" means; ``low``/``high`` bound the values it can
+    take (a threshold outside them is a mistake, and the better end is the best score a prompt
+    could still reach); ``unit`` and ``fmt`` are display hints (``format(value, fmt)`` followed
+    by ``unit``).
     """
 
     name: str
     higher_is_better: bool
+    low: float
+    high: float
     unit: str = ""
     fmt: str = ".4f"
+
+    @property
+    def best(self) -> float:
+        return self.high if self.higher_is_better else self.low
 
     def format(self, value: float) -> str:
         """Render a value for tables and logs, e.g. ``"31.25 dB"``."""
@@ -117,10 +125,12 @@ class MetricInfo:
 
 
 METRICS: dict[str, MetricInfo] = {
-    "lpips": MetricInfo("lpips", higher_is_better=False, unit="", fmt=".4f"),
-    "ssim": MetricInfo("ssim", higher_is_better=True, unit="", fmt=".4f"),
-    "psnr": MetricInfo("psnr", higher_is_better=True, unit="dB", fmt=".2f"),
-    "accuracy": MetricInfo("accuracy", higher_is_better=True, unit="", fmt=".3f"),
+    "lpips": MetricInfo("lpips", higher_is_better=False, low=0.0, high=math.inf, fmt=".4f"),
+    "ssim": MetricInfo("ssim", higher_is_better=True, low=-1.0, high=1.0, fmt=".4f"),
+    # uint8 pictures: 0 dB at the largest possible error, capped where they are identical.
+    "psnr": MetricInfo("psnr", higher_is_better=True, low=0.0, high=PSNR_IDENTICAL_DB, unit="dB",
+                       fmt=".2f"),
+    "accuracy": MetricInfo("accuracy", higher_is_better=True, low=0.0, high=1.0, fmt=".3f"),
 }
 
 

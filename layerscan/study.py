@@ -7,7 +7,6 @@ README, the TOML files and the code cannot disagree about them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -78,7 +77,7 @@ class Study:
         if self.criterion.metric not in self.metrics:
             raise UserError(f"criterion metric {self.criterion.metric!r} is not among the "
                             f"metrics computed ({', '.join(self.metrics)})")
-        low, high = _THRESHOLD_RANGE.get(self.criterion.metric, (-math.inf, math.inf))
+        low, high = METRICS[self.criterion.metric].low, METRICS[self.criterion.metric].high
         for name in ("mean", "worst"):
             if not low <= getattr(self.criterion, name) <= high:
                 raise UserError(f"criterion {name} {getattr(self.criterion, name):g} is outside the "
@@ -169,10 +168,6 @@ def build_study(values: dict) -> Study:
     criterion = Criterion(**{**dataclasses.asdict(_default_criterion(crit.get("metric"))), **crit})
     study = Study(**values, criterion=criterion)
     return dataclasses.replace(study, prompts=resolve_prompts(study.prompts)).validate()
-
-
-# Values a metric can take, so a threshold meant for another metric (30 dB as an SSIM) is caught.
-_THRESHOLD_RANGE = {"lpips": (0.0, math.inf), "ssim": (-1.0, 1.0), "accuracy": (0.0, 1.0)}
 
 
 def _default_criterion(metric: str | None) -> Criterion:
