@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -89,31 +89,28 @@ def _first_tensor(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the DiT output tensor in {type(output).__name__}")
 
 
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` (a call argument: tensors nested in tuples, lists and dicts) with ``fn`` applied
+    to every tensor."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def _copy(obj: Any, memo: dict[int, Any]) -> Any:
     """Detached CPU copy of a nested call argument; one copy per distinct tensor (memo)."""
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            memo[id(obj)] = (obj, obj.detach().to("cpu", copy=True))
-        return memo[id(obj)][1]
-    if isinstance(obj, tuple):
-        return tuple(_copy(v, memo) for v in obj)
-    if isinstance(obj, list):
-        return [_copy(v, memo) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _copy(v, memo) for k, v in obj.items()}
-    return obj
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            memo[id(t)] = (t, t.detach().to("cpu", copy=True))
+        return memo[id(t)][1]
 
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(v, device) for v in obj)
-    if isinstance(obj, list):
-        return [_to(v, device) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+    return _map_tensors(obj, copy)
 
 
 class _Recorder:
@@ -415,7 +412,8 @@ class Proxies:
         outputs = []
         with torch.inference_mode():
             for s in self.trajectory.samples:
-                out = transformer(*_to(s.args, device), **_to(s.kwargs, device))
+                out = transformer(*_map_tensors(s.args, lambda t: t.to(device)),
+                                  **_map_tensors(s.kwargs, lambda t: t.to(device)))
                 outputs.append(_first_tensor(out))
         return outputs
 
