@@ -166,8 +166,10 @@ class LayerIndex:
         """Raise a one-line UserError for the first pattern that selects no quantizable layer."""
         for pattern in patterns:
             if not pattern or not self.match(pattern):
-                raise UserError(f"pattern {pattern!r} matches no quantizable layer; "
-                                f"nearest: {', '.join(self.nearest(pattern)) or 'none'}")
+                near = self.nearest(pattern)
+                raise UserError(f"pattern {pattern!r} matches no quantizable layer; " + (
+                    f"nearest: {', '.join(near)}" if near else "the families are: "
+                    + ", ".join(g.pattern for g in self.groups("family"))))
 
     def nearest(self, pattern: str, n: int = 5) -> list[str]:
         candidates = sorted({p for g in ("family", "block") for p in

@@ -56,6 +56,21 @@ def default_device() -> torch.device:
 
 def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     """A local pipeline directory for ``model``, downloading hub ids (only) when needed."""
+    local = local_model_dir(model)
+    if local is not None:
+        return local
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(model, revision=revision))
+    except Exception as exc:  # the hub client raises many types for the same user-facing fact
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not fetch {model!r} from the hub: {first_line}") from None
+
+
+def local_model_dir(model: str) -> Path | None:
+    """The directory of a built-in or local ``model``; None for a hub id.  Never downloads, so
+    a mistyped path is reported before anything slow happens."""
     from layerscan.tiny import TINY_ARCHITECTURES, tiny_pipeline_dir
 
     if model in TINY_ARCHITECTURES:
@@ -76,13 +91,7 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     if model.count("/") != 1:
         raise UserError(f"model not found: {model!r} is neither a directory, a built-in tiny "
                         f"pipeline ({', '.join(TINY_ARCHITECTURES)}) nor a hub id (org/name)")
-    from diffusers import DiffusionPipeline
-
-    try:
-        return Path(DiffusionPipeline.download(model, revision=revision))
-    except Exception as exc:  # the hub client raises many types for the same user-facing fact
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not fetch {model!r} from the hub: {first_line}") from None
+    return None
 
 
 def fingerprint_dir(path: Path) -> str:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from layerscan.engine import Fp8Engine
 from layerscan.generate import Baseline, GenerationSpec, baseline_key, load_or_build_baseline, read_prompts
 from layerscan.metrics import Scorer, check_accuracy_prompts, checker_fingerprint, resolve_metrics
-from layerscan.pipeline import LoadedPipeline, load_pipeline
+from layerscan.pipeline import LoadedPipeline, load_pipeline, local_model_dir
 from layerscan.study import Study
 from layerscan.workers import baseline_lock
 
@@ -61,7 +61,9 @@ def open_session(
     allow_missing_lpips: bool = False,
     warn=print,
 ) -> Session:
-    """Validate inputs cheaply first (prompts, metrics), then load, quantize and baseline."""
+    """Validate inputs cheaply first (model reference, prompts, metrics), then load, quantize
+    and baseline."""
+    local_model_dir(study.model)
     prompts = read_prompts(study.prompts)
     metrics = resolve_metrics(study.metrics, study.lpips_net, allow_missing_lpips)
     if len(metrics) < len(study.metrics):

@@ -149,6 +149,17 @@ def test_bad_model_inputs_are_user_errors(tmp_path):
         load_pipeline("no-such-org/no-such-model", "cpu")
 
 
+
+def test_a_mistyped_model_path_is_reported_before_anything_else(tmp_path, monkeypatch):
+    from layerscan.session import open_session
+    from layerscan.study import build_study
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # LPIPS weights missing as well
+    study = build_study({"model": str(tmp_path / "typo"), "prompts": str(tmp_path / "none.txt")})
+    with pytest.raises(UserError, match="model directory not found"):
+        open_session(study, "cpu")
+
+
 def test_requantize_residency_holds_exactly_the_analytic_bytes(tiny_qwen_dir):
     loaded = load_pipeline(str(tiny_qwen_dir), "cpu")
     engine = Fp8Engine(loaded, residency="requantize")

@@ -99,6 +99,8 @@ def test_unknown_pattern_lists_nearest_names(qwen):
         qwen.validate(["img_mpl"])
     assert "img_mlp" in str(err.value) and "matches no quantizable layer" in str(err.value)
     qwen.validate(["img_mlp", "transformer_blocks.3."])
+    with pytest.raises(UserError, match="no quantizable layer; the families are: to_qkv, "):
+        qwen.validate(["zzzzzz"])  # nothing close: the user still learns what exists
 
 
 def test_default_profile_for_unknown_architecture():
