@@ -45,6 +45,18 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-scheme", dest="activation_scheme", choices=["token", "tensor"],
                    help="dynamic FP8 activation scale per token (vLLM-Omni default) or per tensor")
     p.add_argument("--profile", help="architecture profile (default: chosen from the DiT class)")
+    p.add_argument("--scheme", choices=["vllm-omni", "seed"],
+                   help="what the target runs: vllm-omni (default; today's release) or seed "
+                        "(text encoder and VAE as FP8 weight storage, substring matching)")
+    p.add_argument("--components", type=_csv,
+                   help="quantized components, e.g. transformer (default: the scheme's for the model)")
+    p.add_argument("--layer-match", dest="layer_match", choices=["exact", "substring"],
+                   help="how the target matches ignored_layers (default: the scheme's; vLLM: exact)")
+    p.add_argument("--criterion-metric", dest="criterion_metric", choices=list(METRICS))
+    p.add_argument("--criterion-mean", dest="criterion_mean",
+                   help="mean threshold: a number, or relative to the noise floor: 'floor + 0.05'")
+    p.add_argument("--criterion-worst", dest="criterion_worst",
+                   help="worst-image threshold: a number or 'floor + N' / 'floor - N'")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the DiT's repeated blocks; times are then 'compiled'")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
@@ -57,7 +69,8 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
 
 
 STUDY_FIELDS = ("model", "revision", "prompts", "seeds", "steps", "height", "width", "guidance",
-                "metrics", "lpips_net", "activation_scheme", "compile", "profile", "name", "granularity",
+                "metrics", "lpips_net", "activation_scheme", "compile", "profile", "scheme", "components",
+                "layer_match", "name", "granularity", "text_encoder_granularity",
                 "strategy", "refine", "max_trials", "timeout_s", "storage", "criterion_metric",
                 "criterion_mean", "criterion_worst")
 
@@ -71,7 +84,7 @@ def _study(args: argparse.Namespace, **extra):
         args.model = DEFAULT_MODEL
     study_path = args.study or (args.model and find_study_for_model(args.model))
     values = load_study(study_path) if study_path else {}
-    metric = getattr(args, "criterion_metric", None)  # `run` has the flag, `eval` does not
+    metric = args.criterion_metric
     if metric and metric != values.get("criterion_metric", "lpips"):
         # The file's thresholds are for its own metric; another one starts from its defaults.
         values.pop("criterion_mean", None)
@@ -94,19 +107,26 @@ def cmd_layers(args) -> int:
     from layerscan.pipeline import load_pipeline
 
     loaded = load_pipeline(args.model, "cpu", trust_remote_code=args.trust_remote_code,
-                           profile=args.profile)
-    groups = loaded.index.groups(args.granularity)
-    total = loaded.index.total_params
+                           profile=args.profile, scheme=args.scheme)
+    index = loaded.index
+    groups = index.groups(args.granularity, args.text_encoder_granularity)
+    share = {g.pattern: g.params / index.component_params[g.component] for g in groups}
     if args.json:
-        print(json.dumps([dict(pattern=g.pattern, layers=len(g.layers), params=g.params,
-                               share=g.params / total) for g in groups], indent=1))
+        print(json.dumps([dict(pattern=g.pattern, component=g.component, layers=len(g.layers),
+                               params=g.params, share=share[g.pattern]) for g in groups], indent=1))
         return 0
-    print(f"{args.model}: profile {loaded.profile.name}, {len(loaded.index.layers)} quantizable "
-          f"layers, {loaded.index.quantizable_params:,} of {total:,} DiT parameters")
+    profile = loaded.profile
+    print(f"{args.model}: profile {profile.name}, scheme {profile.scheme} "
+          f"(ignored_layers matched {profile.match}ly)")
+    for component in index.components:
+        layers = index.of(component)
+        print(f"  {component}: {len(layers)} quantizable layers "
+              f"({'W8A8' if index.method(component) == 'w8a8' else 'FP8 weight storage'}), "
+              f"{sum(l.params for l in layers):,} of {index.component_params[component]:,} parameters")
     width = max([len(g.pattern) for g in groups] + [7])
     print(f"{'pattern':<{width}}  {'layers':>6}  {'params':>14}  {'share':>7}")
     for g in groups:
-        print(f"{g.pattern:<{width}}  {len(g.layers):>6}  {g.params:>14,}  {100 * g.params / total:>6.2f}%")
+        print(f"{g.pattern:<{width}}  {len(g.layers):>6}  {g.params:>14,}  {100 * share[g.pattern]:>6.2f}%")
     return 0
 
 
@@ -121,14 +141,17 @@ def cmd_eval(args) -> int:
         session.loaded.index.validate(config)
     out = args.out or Path("reports") / study.slug / "eval"
     record = evaluate(session.engine, config, session.spec, session.baseline, session.scorer,
-                      study.criterion, image_dir=out / "images")
+                      session.criterion, image_dir=out / "images")
     print(f"configuration: {record.label}   device: {record.device}   status: {record.status}")
     if record.status == "failed":
         raise UserError(f"evaluation failed: {record.error}")
-    print(f"{'metric':<8} {'mean':>10} {'worst':>10}")
+    floor = session.floor
+    print(f"{'metric':<9} {'mean':>10} {'95 % CI':>21} {'worst':>10} {'floor mean':>11} {'floor worst':>12}")
     for metric in session.metrics:
-        print(f"{metric:<8} {record.mean[metric]:>10.4f} {record.worst[metric]:>10.4f}")
-    print(f"criterion ({study.criterion.describe()}): {'pass' if record.passes else 'FAIL'}")
+        low, high = record.ci[metric]
+        print(f"{metric:<9} {record.mean[metric]:>10.4f} {f'[{low:.4f}, {high:.4f}]':>21} "
+              f"{record.worst[metric]:>10.4f} {floor.mean[metric]:>11.4f} {floor.worst[metric]:>12.4f}")
+    print(f"criterion ({session.criterion.describe()}): {'pass' if record.passes else 'FAIL'}")
     for component, size in record.weight_bytes.items():
         print(f"weights {component:<14} {format_bytes(size):>12}")
     print(f"weights {'total':<14} {format_bytes(record.total_weight_bytes):>12}")
@@ -141,6 +164,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from layerscan.engine import describe
     from layerscan.report.document import write_report
     from layerscan.runner import run_study
 
@@ -155,10 +179,16 @@ def cmd_run(args) -> int:
     outcome = run_study(session, out, study.strategy, pool)
     path = write_report(session, outcome, out)
     rec = outcome.recommended
-    answer = "no configuration met the criterion" if rec is None else \
-        json.dumps({"method": "fp8", "ignored_layers": list(rec.config)})
-    print(f"recommended quantization_config: {answer}")
-    print(f"{sum(r.config is not None for r in outcome.records)} configurations on record "
+    if rec is None:
+        answer = "no configuration met the criterion"
+    else:
+        from layerscan.report.outputs import quantization_configs
+
+        answer = json.dumps(quantization_configs(rec, session.loaded)["paste"])
+        if len(answer) > 300:
+            answer = answer[:300] + f"... (in full in {out / 'recommendation.json'})"
+    print(f"recommended ({describe(rec.config) if rec else 'none'}): quantization_config={answer}")
+    print(f"{outcome.ledger.fp8_on_record()} FP8 configurations on record "
           f"({outcome.new_evaluations} evaluated now); report: {path}")
     if outcome.stop_reason == "interrupted":
         print(INTERRUPTED_MESSAGE, file=sys.stderr)
@@ -179,14 +209,14 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_table(args) -> int:
-    from layerscan.report.table import read_rows, render_table, update_docs_table
+    from layerscan.report.table import HEADERS, read_rows, render_table, update_docs_table
 
     rows = read_rows(args.reports)
     if args.update:
         for row, action in zip(rows, update_docs_table(args.update, rows)):
-            print(f"{action}: {row.strip()}")
+            print(f"{action}: {row['model']}")
     else:
-        print(render_table(rows), end="")
+        print(render_table(rows, HEADERS[args.format] if args.format else None), end="")
     return 0
 
 
@@ -204,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list the DiT's quantizable layer groups")
     p.add_argument("--model", required=True)
     p.add_argument("--granularity", default="family", choices=["family", "block", "module"])
+    p.add_argument("--text-encoder-granularity", dest="text_encoder_granularity",
+                   choices=["family", "block", "module", "component"])
     p.add_argument("--profile")
+    p.add_argument("--scheme", default="vllm-omni", choices=["vllm-omni", "seed"])
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_layers)
@@ -221,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_flags(p)
     p.add_argument("--name", help="display name of the model in the table row")
     p.add_argument("--granularity", choices=["family", "block", "module"])
+    p.add_argument("--text-encoder-granularity", dest="text_encoder_granularity",
+                   choices=["family", "block", "module", "component"],
+                   help="text-encoder groups (default: as --granularity; component: the whole text encoder)")
     p.add_argument("--strategy", choices=["auto", "greedy", "optuna", "exhaustive"],
                    help="auto (default): proxy-ordered greedy with early stopping")
     p.add_argument("--refine", action="store_true", default=None,
@@ -229,9 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", dest="max_trials", type=int)
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output directory)")
-    p.add_argument("--criterion-metric", dest="criterion_metric", choices=list(METRICS))
-    p.add_argument("--criterion-mean", dest="criterion_mean", type=float)
-    p.add_argument("--criterion-worst", dest="criterion_worst", type=float)
     p.add_argument("--out", type=Path, help="report directory (default: reports/<model-slug>)")
     _add_worker_flags(p)
     p.set_defaults(func=cmd_run)
@@ -253,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table", help="print the supported-models table from report directories")
     p.add_argument("reports", nargs="+", type=Path)
-    p.add_argument("--update", type=Path, help="replace or insert the rows in this docs file")
+    p.add_argument("--update", type=Path,
+                   help="replace or insert the rows in this docs file, in the columns of its table")
+    p.add_argument("--format", choices=["vllm-omni", "seed"],
+                   help="header to print (default: the first report's scheme)")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("tiny", help="write a built-in tiny pipeline to a directory")

@@ -1,7 +1,9 @@
-"""Move one loaded pipeline between BF16 and any FP8 ``ignored_layers`` configuration in place.
+"""Move one loaded pipeline between BF16 and any FP8 configuration in place.
 
-The DiT is quantized once (every quantizable layer gets its FP8 copy next to the BF16 weight);
-after that a switch only flips per-layer flags, so a search never reloads the pipeline.
+Every W8A8 layer of every quantized component (the DiT, a second expert, the text encoder under
+``vllm-omni``) is converted once: it keeps its BF16 weight next to the FP8 copy, so a switch
+only flips per-layer flags and a search never reloads the pipeline.  Components quantized by
+weight storage (the ``seed`` scheme's text encoder and VAE) are switched as a whole.
 ``ignored_layers=None`` means BF16 everywhere and reproduces BF16 outputs bit for bit.
 """
 
@@ -21,7 +23,9 @@ from layerscan.fp8 import (
     per_tensor_scale,
     remove_fp8_weight_storage,
 )
+from layerscan.layers import qualify, split_pattern
 from layerscan.pipeline import LoadedPipeline
+from layerscan.profiles import STORAGE
 
 Ignored = tuple[str, ...] | None  # None: the BF16 baseline
 
@@ -34,21 +38,27 @@ def normalize(ignored: Sequence[str] | None) -> Ignored:
 def describe(ignored: Ignored) -> str:
     if ignored is None:
         return "BF16"
-    return "FP8 all" if not ignored else "FP8, BF16 kept: " + ", ".join(ignored)
+    return "FP8 all" if not ignored else "FP8, BF16 kept: " + ", ".join(
+        _readable(p) for p in ignored)
+
+
+def _readable(pattern: str) -> str:
+    component, inner = split_pattern(pattern)
+    return f"{component} (whole)" if not inner else pattern
 
 
 RESIDENCIES = ("auto", "both", "requantize")
-# Room left for activations, the text encoder's and VAE's work and the allocator when deciding
-# whether the BF16 and FP8 copies of the DiT fit side by side.
+# Room left for activations, the other components' work and the allocator when deciding whether
+# the BF16 and FP8 copies of the quantized layers fit side by side.
 _HEADROOM_FRACTION = 0.25
 
 
 class Fp8Engine:
     """Owns the FP8 state of one pipeline; ``apply`` is the only way to change it.
 
-    ``residency``: ``both`` keeps BF16 and FP8 copies of every quantizable DiT weight on the
-    device (a switch flips flags); ``requantize`` keeps only what the configuration needs and
-    re-quantizes from a CPU master copy on switch; ``auto`` picks ``both`` when it fits.
+    ``residency``: ``both`` keeps BF16 and FP8 copies of every W8A8 weight on the device (a
+    switch flips flags); ``requantize`` keeps only what the configuration needs and re-quantizes
+    from a CPU master copy on switch; ``auto`` picks ``both`` when it fits.
     """
 
     def __init__(self, loaded: LoadedPipeline, activation_scheme: str = "token",
@@ -56,18 +66,23 @@ class Fp8Engine:
         if residency not in RESIDENCIES:
             raise ValueError(f"residency must be one of {RESIDENCIES}")
         self.loaded = loaded
+        self.index = loaded.index
         self.activation_scheme = activation_scheme
-        modules = dict(loaded.transformer.named_modules())
-        self._layers: dict[str, list[Fp8Linear]] = {}
-        for layer in loaded.index.layers:
-            shards = [modules[name] for name in layer.modules]
-            scale = per_tensor_scale(*(m.weight for m in shards))
-            shared = SharedInput(len(shards)) if len(shards) > 1 else None
-            self._layers[layer.engine_name] = [
-                Fp8Linear.convert(m, activation_scheme, scale, shared) for m in shards
-            ]
-        self._sizes = {"transformer": _param_sizes(loaded.transformer)}
-        self._sizes.update({attr: _param_sizes(c) for attr, c in self._components()})
+        self._layers: dict[str, list[Fp8Linear]] = {}  # qualified name -> shards
+        self._storage: dict[str, nn.Module] = {}  # component -> module, for weight storage
+        for component in self.index.components:
+            module = loaded.components[component]
+            if self.index.method(component) == STORAGE:
+                self._storage[component] = module
+                continue
+            modules = dict(module.named_modules())
+            for layer in self.index.of(component):
+                shards = [modules[name] for name in layer.modules]
+                scale = per_tensor_scale(*(m.weight for m in shards))
+                shared = SharedInput(len(shards)) if len(shards) > 1 else None
+                self._layers[layer.name] = [
+                    Fp8Linear.convert(m, activation_scheme, scale, shared) for m in shards]
+        self._sizes = {attr: _param_sizes(module) for attr, module in loaded.components.items()}
         self.residency = self._choose_residency() if residency == "auto" else residency
         self.current: Ignored = None
 
@@ -79,28 +94,21 @@ class Fp8Engine:
         free, total = torch.cuda.mem_get_info(device)
         return "both" if fp8_copies < free - _HEADROOM_FRACTION * total else "requantize"
 
-    def _storage_components(self) -> list[nn.Module]:
-        profile = self.loaded.profile
-        components = list(self.loaded.text_encoders.values()) if profile.text_encoder_fp8 else []
-        if profile.vae_fp8 and self.loaded.vae is not None:
-            components.append(self.loaded.vae)
-        return components
-
     def apply(self, ignored: Sequence[str] | None) -> Ignored:
         """Switch to a configuration; patterns must each select at least one layer."""
         config = normalize(ignored)
         if config:
-            self.loaded.index.validate(config)
-        skipped = set() if config is None else self.loaded.index.skipped(config)
+            self.index.validate(config)
+        skipped = set() if config is None else self.index.skipped(config)
         keep_bf16 = self.residency == "both"
         for name, shards in self._layers.items():
             for module in shards:
                 module.set_precision(config is not None and name not in skipped, keep_bf16)
-        for component in self._storage_components():
-            if config is None:
-                remove_fp8_weight_storage(component)
+        for component, module in self._storage.items():
+            if config is None or qualify(component, "") in skipped:
+                remove_fp8_weight_storage(module)
             else:
-                apply_fp8_weight_storage(component)
+                apply_fp8_weight_storage(module)
         self.current = config
         return config
 
@@ -108,35 +116,35 @@ class Fp8Engine:
         return [n for n, shards in self._layers.items() if shards[0].fp8_enabled]
 
     def weight_bytes(self, ignored: Sequence[str] | None) -> dict[str, int]:
-        """Exact weight bytes per component as the engine would hold them for ``ignored``.
+        """Exact weight bytes per pipeline component as the engine would hold them for ``ignored``.
 
         Quantized layers: one byte per weight plus one float32 scale per (fused) layer; biases
         and everything else at the model dtype's size.  Computed from sizes recorded at load,
         so the answer does not depend on what is resident right now.
         """
         config = normalize(ignored)
-        skipped = set() if config is None else self.loaded.index.skipped(config)
-        fp8_params: set[int] = set()
-        scales = 0
+        skipped = set() if config is None else self.index.skipped(config)
+        fp8: dict[str, set[int]] = {attr: set() for attr in self._sizes}
+        scales: dict[str, int] = {attr: 0 for attr in self._sizes}
         if config is not None:
             for name, shards in self._layers.items():
                 if name not in skipped:
-                    fp8_params.update(id(m.weight) for m in shards)
-                    scales += 1
-        result = {"transformer": _bytes(self._sizes["transformer"], fp8_params)
-                  + scales * SCALE_BYTES}
-        storage = self._storage_components() if config is not None else []
-        for attr, component in self._components():
-            if component in storage:
-                weights = {id(m.weight) for m in component.modules() if isinstance(m, STORAGE_TYPES)}
-                result[attr] = _bytes(self._sizes[attr], weights) + len(weights) * SCALE_BYTES
-            else:
-                result[attr] = _bytes(self._sizes[attr], set())
-        return result
+                    component = split_pattern(name)[0]
+                    fp8[component].update(id(m.weight) for m in shards)
+                    scales[component] += 1
+            for component, module in self._storage.items():
+                if qualify(component, "") not in skipped:
+                    weights = {id(m.weight) for m in module.modules() if isinstance(m, STORAGE_TYPES)}
+                    fp8[component] |= weights
+                    scales[component] += len(weights)
+        return {attr: _bytes(sizes, fp8[attr]) + scales[attr] * SCALE_BYTES
+                for attr, sizes in self._sizes.items()}
 
-    def _components(self) -> list[tuple[str, nn.Module]]:
-        vae = [("vae", self.loaded.vae)] if self.loaded.vae is not None else []
-        return [*self.loaded.text_encoders.items(), *vae]
+    def bf16_kept_bytes(self, ignored: Sequence[str] | None) -> int:
+        """Weight bytes this configuration keeps above FP8 everywhere (0 for BF16 itself)."""
+        if ignored is None:
+            return 0
+        return sum(self.weight_bytes(ignored).values()) - sum(self.weight_bytes(()).values())
 
 
 def _param_sizes(module: nn.Module) -> dict[int, tuple[int, int]]:

@@ -19,7 +19,8 @@ from layerscan.engine import Fp8Engine, Ignored, describe, normalize
 from layerscan.errors import UserError
 from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png
 from layerscan.metrics import METRICS, Scorer, summarize
-from layerscan.study import LOWER_IS_BETTER, Criterion
+from layerscan.stats import bootstrap_ci, one_sided_bound
+from layerscan.study import Criterion
 
 # Called after each prompt with the per-prompt scores so far; returning True stops the
 # evaluation early (the record is then marked "stopped").
@@ -34,7 +35,8 @@ class TrialRecord:
     status: str  # "complete", "failed" or "stopped"
     mean: dict[str, float] = field(default_factory=dict)
     worst: dict[str, float] = field(default_factory=dict)
-    per_prompt: list[dict[str, float]] = field(default_factory=list)
+    per_prompt: list[dict[str, float]] = field(default_factory=list)  # one entry per image
+    ci: dict[str, list[float]] = field(default_factory=dict)  # 95 % bootstrap interval of each mean
     passes: bool | None = None
     weight_bytes: dict[str, int] = field(default_factory=dict)
     bf16_kept_bytes: int = 0
@@ -70,12 +72,47 @@ class TrialRecord:
 def judge(record: TrialRecord, criterion: Criterion) -> TrialRecord:
     """Set ``passes`` under ``criterion``; records are re-judged when a rerun changes it.
 
-    A stopped record never passes: its prompts were cut short, and only a proven failure stops.
+    The mean is judged by the pessimistic end of its one-sided 95 % bootstrap interval
+    (``Criterion``'s pass rule), which is never better than the mean itself, so a failure the
+    mean proves early (``failure_proven``) is a failure under the interval too.  A stopped
+    record never passes: its prompts were cut short, and only a proven failure stops.
     """
     metric = criterion.metric
-    record.passes = (record.status == "complete" and metric in record.mean
-                     and criterion.passes(record.mean[metric], record.worst[metric]))
+    if record.status != "complete" or metric not in record.mean:
+        record.passes = False
+        return record
+    values = [p[metric] for p in record.per_prompt] or [record.mean[metric]]
+    bound = one_sided_bound(values, criterion.lower_is_better)
+    record.passes = bool(criterion.passes(bound, record.worst[metric]))
     return record
+
+
+def summarize_record(record: TrialRecord) -> None:
+    """Mean, worst and the 95 % interval of each mean, from the per-image scores."""
+    summary = summarize(record.per_prompt)
+    record.mean, record.worst = summary.mean, summary.worst
+    record.ci = {m: list(bootstrap_ci([p[m] for p in record.per_prompt])) for m in summary.mean}
+
+
+def reference_record(session) -> TrialRecord:
+    """The BF16 row: the baseline scored against itself (accuracy against its prompts), with the
+    time and peak memory measured while the baseline was generated."""
+    baseline, spec = session.baseline, session.spec
+    prompts = [prompt for _, prompt, _ in spec.items()]
+    record = TrialRecord(None, "complete", device=str(session.loaded.device),
+                         weight_bytes=session.engine.weight_bytes(None),
+                         residency=session.engine.residency, execution_mode=execution_mode(session.loaded),
+                         peak_memory_bytes=baseline.peak_memory_bytes,
+                         seconds_per_image=baseline.seconds_per_image, strategy="reference")
+    record.per_prompt = [session.scorer.score_pair(image, image, prompt)
+                         for image, prompt in zip(baseline.images, prompts)]
+    summarize_record(record)
+    record.finished_at = baseline.created_at
+    return judge(record, session.criterion)
+
+
+def execution_mode(loaded) -> str:
+    return "compiled" if getattr(loaded.transformer, "_layerscan_compiled", False) else "eager"
 
 
 
@@ -89,15 +126,15 @@ def failure_proven(per_prompt: list[dict[str, float]], total: int, criterion: Cr
     values = [p.get(criterion.metric, math.nan) for p in per_prompt]
     if not values:
         return False
-    lower = LOWER_IS_BETTER[criterion.metric]
-    if any(math.isnan(v) or (v > criterion.worst if lower else v < criterion.worst) for v in values):
+    if any(math.isnan(v) or not criterion.meets(v, criterion.worst_limit) for v in values):
         return True
     best = METRICS[criterion.metric].best  # what a prompt not yet generated could still reach
     if len(values) >= total:
         return False
     bound = (math.fsum(values) + (total - len(values)) * best) / total
-    margin = 1e-9 * max(1.0, abs(criterion.mean))  # never stop on a rounding-level difference
-    return bound > criterion.mean + margin if lower else bound < criterion.mean - margin
+    limit = criterion.mean_limit
+    margin = 1e-9 * max(1.0, abs(limit))  # never stop on a rounding-level difference
+    return bound > limit + margin if criterion.lower_is_better else bound < limit - margin
 
 
 def stop_when_failure_proven(criterion: Criterion, total: int) -> StopRule:
@@ -141,12 +178,10 @@ def evaluate(
     """
     config = engine.apply(ignored)
     loaded = engine.loaded
-    bf16_kept = engine.weight_bytes(config)["transformer"] - engine.weight_bytes(())["transformer"]
     record = TrialRecord(config, "complete", weight_bytes=engine.weight_bytes(config),
-                         bf16_kept_bytes=bf16_kept if config is not None else 0,
+                         bf16_kept_bytes=engine.bf16_kept_bytes(config),
                          device=str(loaded.device), residency=engine.residency,
-                         execution_mode="compiled" if getattr(loaded.transformer, "_layerscan_compiled",
-                                                              False) else "eager")
+                         execution_mode=execution_mode(loaded))
     if image_dir is not None:
         image_dir.mkdir(parents=True, exist_ok=True)
     seconds = []
@@ -174,8 +209,7 @@ def evaluate(
     # The median: a configuration's first image may include compilation when compiled.
     record.seconds_per_image = float(np.median(seconds)) if seconds else None
     if record.per_prompt and record.status != "failed":
-        summary = summarize(record.per_prompt)
-        record.mean, record.worst = summary.mean, summary.worst
+        summarize_record(record)
         if criterion is not None:
             judge(record, criterion)
     record.finished_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -8,14 +8,18 @@ pickled.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import fcntl
 import hashlib
 import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -26,7 +30,7 @@ from PIL import Image
 from layerscan.errors import NonFiniteOutput, UserError
 from layerscan.pipeline import LoadedPipeline
 
-BASELINE_FORMAT = 1
+BASELINE_FORMAT = 2  # 2: noise-floor variants, peak memory and median time
 
 
 @dataclass(frozen=True)
@@ -147,28 +151,103 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("LAYERSCAN_CACHE", Path.home() / ".cache" / "layerscan"))
 
 
+# Numerically equivalent changes to a BF16 run, whose distance to the baseline is the noise
+# floor: the part of any distance to BF16 that is not FP8's fault (diffusion sampling amplifies
+# one-ULP differences).  Generated with the baseline, on the same prompts and seeds.
+FLOOR_VARIANTS = {
+    "latents+1ulp": "initial latents moved by one BF16 ULP away from zero",
+    "attention-math": "attention through PyTorch's math SDPA kernel instead of the default one",
+}
+
+
 @dataclass
 class Baseline:
     images: list[np.ndarray]
-    seconds_per_image: float
+    seconds_per_image: float  # median over the baseline's images
+    peak_memory_bytes: int | None  # GPU peak while the baseline was generated (None on CPU)
     directory: Path
     cached: bool  # True when loaded from disk rather than generated now
+    created_at: str = ""
+    floor_images: dict[str, list[np.ndarray]] = field(default_factory=dict)  # variant -> images
+
+
+def bf16_ulp_away_from_zero(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every element moved by one BF16 unit in the last place away from zero.
+
+    BF16 is sign-magnitude, so adding one to the bit pattern's magnitude is the next
+    representable value of larger magnitude; tensors in another dtype get the same step.
+    """
+    rounded = x.to(torch.bfloat16)
+    nudged = (rounded.view(torch.int16) + 1).view(torch.bfloat16)
+    return (x + (nudged.to(x.dtype) - rounded.to(x.dtype))).to(x.dtype)
+
+
+@contextlib.contextmanager
+def floor_variant(loaded: LoadedPipeline, variant: str) -> Iterator[None]:
+    """Run the pipeline under one of ``FLOOR_VARIANTS`` inside the block."""
+    pipe = loaded.pipe
+    if variant == "latents+1ulp":
+        original = pipe.prepare_latents
+
+        def nudged(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if isinstance(out, tuple):  # Flux and editing pipelines return extras after the latents
+                return (bf16_ulp_away_from_zero(out[0]), *out[1:])
+            return bf16_ulp_away_from_zero(out)
+
+        pipe.prepare_latents = nudged
+        try:
+            yield
+        finally:
+            del pipe.prepare_latents  # the class's method again
+    elif variant == "attention-math":
+        from diffusers.models.attention_dispatch import attention_backend
+
+        with attention_backend("_native_math"):
+            yield
+    else:
+        raise ValueError(f"unknown floor variant {variant!r}")
 
 
 def _load_verified(directory: Path, key: str, count: int) -> Baseline | None:
     """The cached entry if it is complete and every file matches its recorded hash."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
-        if manifest["key"] != key or len(manifest["files"]) != count:
+        if manifest["key"] != key or len(manifest["files"]) != count \
+                or set(manifest["floor"]) != set(FLOOR_VARIANTS):
+
             return None
-        images = []
-        for name, digest in manifest["files"]:
-            if _sha256(directory / name) != digest:
-                return None
-            images.append(load_png(directory / name))
-        return Baseline(images, float(manifest["seconds_per_image"]), directory, cached=True)
+
+        def read(files) -> list[np.ndarray] | None:
+            images = []
+            for name, digest in files:
+                if _sha256(directory / name) != digest:
+                    return None
+                images.append(load_png(directory / name))
+            return images
+
+        images = read(manifest["files"])
+        floors = {v: read(files) for v, files in manifest["floor"].items()}
+        if images is None or any(f is None for f in floors.values()):
+            return None
+        return Baseline(images, float(manifest["seconds_per_image"]), manifest["peak_memory_bytes"],
+                        directory, cached=True, created_at=manifest["created_at"], floor_images=floors)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _generate_all(loaded: LoadedPipeline, spec: GenerationSpec, tmp: Path, prefix: str,
+                  on_image: Callable[[int, float], None] | None):
+    images, files, seconds = [], [], []
+    for index, image, elapsed in iter_images(loaded, spec):
+        name = prefix + spec.image_name(index)
+        save_png(image, tmp / name)
+        images.append(image)
+        files.append((name, _sha256(tmp / name)))
+        seconds.append(elapsed)
+        if on_image:
+            on_image(index, elapsed)
+    return images, files, seconds
 
 
 def load_or_build_baseline(
@@ -176,11 +255,16 @@ def load_or_build_baseline(
     spec: GenerationSpec,
     cache_root: Path | None = None,
     on_image: Callable[[int, float], None] | None = None,
+    capture: contextlib.AbstractContextManager | None = None,
 ) -> Baseline:
-    """The BF16 baseline for (model, spec), generated once and reused across runs.
+    """The BF16 baseline and its noise-floor variants for (model, spec), generated once and
+    reused across runs.
 
-    The caller must have put the pipeline in BF16.  A half-written entry never replaces a good
-    one: images go to a temporary directory that is renamed into place when complete.
+    The caller must have put the pipeline in BF16.  ``capture`` is entered around the
+    baseline's own generation (not the variants'), e.g. to record the denoising trajectory.
+    Time and peak memory are measured on the baseline's generation: they are the BF16 row's.
+    A half-written entry never replaces a good one: images go to a temporary directory that is
+    renamed into place when complete.
     """
     key = baseline_key(loaded, spec)
     directory = (cache_root or default_cache_root()) / "baselines" / key
@@ -189,22 +273,48 @@ def load_or_build_baseline(
         return cached
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=directory.parent))
+    device = loaded.device
     try:
-        images, files, seconds = [], [], []
-        for index, image, elapsed in iter_images(loaded, spec):
-            name = spec.image_name(index)
-            save_png(image, tmp / name)
-            images.append(image)
-            files.append((name, _sha256(tmp / name)))
-            seconds.append(elapsed)
-            if on_image:
-                on_image(index, elapsed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with capture or contextlib.nullcontext():
+            images, files, seconds = _generate_all(loaded, spec, tmp, "", on_image)
+        peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+        floors, floor_files = {}, {}
+        for variant in FLOOR_VARIANTS:
+            with floor_variant(loaded, variant):
+                floors[variant], floor_files[variant], _ = _generate_all(
+                    loaded, spec, tmp, f"floor-{variant}-", on_image)
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest = dict(key=key, model=loaded.model, spec=asdict(spec), files=files,
-                        seconds_per_image=float(np.mean(seconds)))
+                        floor=floor_files, seconds_per_image=float(np.median(seconds)),
+                        peak_memory_bytes=peak, created_at=created)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if directory.exists():
             shutil.rmtree(directory)  # the corrupt or stale entry that failed verification
         tmp.rename(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Baseline(images, manifest["seconds_per_image"], directory, cached=False)
+    return Baseline(images, manifest["seconds_per_image"], peak, directory, cached=False,
+                    created_at=created, floor_images=floors)
+
+
+@contextlib.contextmanager
+def baseline_lock(loaded, spec, cache_root: Path | None = None):
+    """Hold an exclusive lock on this baseline's cache entry while it is loaded or built.
+
+    A second process on the same cache (this host, or a shared filesystem with working
+    ``flock``) waits here, then finds the finished entry and loads it.
+    """
+    root = (cache_root or default_cache_root()) / "baselines"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{baseline_key(loaded, spec)}.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("waiting for another process to finish this BF16 baseline", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from layerscan.errors import UserError
-from layerscan.layers import LayerIndex, Profile, profile_for
+from layerscan.layers import LayerIndex
+from layerscan.profiles import Profile, make_profile
 
 DEMO_MODEL = "demo"  # the trained pipeline shipped in layerscan/demo/pipeline
 TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+COMPONENT_ATTRS = ("transformer", "transformer_2", *TEXT_ENCODER_ATTRS, "vae")
 _HASH_WHOLE_FILE_BELOW = 64 << 20
 _HASH_EDGE_BYTES = 4 << 20
 
@@ -48,6 +50,12 @@ class LoadedPipeline:
     @property
     def vae(self) -> nn.Module | None:
         return getattr(self.pipe, "vae", None)
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        """Every model component by pipeline attribute: DiT(s), text encoder(s), VAE."""
+        return {a: getattr(self.pipe, a) for a in COMPONENT_ATTRS
+                if isinstance(getattr(self.pipe, a, None), nn.Module)}
 
 
 def default_device() -> torch.device:
@@ -135,8 +143,16 @@ def load_pipeline(
     trust_remote_code: bool = False,
     revision: str | None = None,
     profile: str | None = None,
+    scheme: str = "vllm-omni",
+    components: tuple[str, ...] | None = None,
+    match: str | None = None,
 ) -> LoadedPipeline:
-    """Load ``model`` in ``dtype`` on ``device`` and index its quantizable DiT layers."""
+    """Load ``model`` in ``dtype`` on ``device`` and index the layers ``scheme`` quantizes.
+
+    ``profile`` names the architecture (default: chosen from the DiT's class); ``components``
+    restricts the quantized components; ``match`` overrides how the target matches
+    ``ignored_layers`` (default: the scheme's).
+    """
     from diffusers import DiffusionPipeline
 
     path = resolve_model_dir(model, revision)
@@ -160,6 +176,9 @@ def load_pipeline(
     pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    chosen = profile_for(pipe.transformer, profile)
+    present = {a: getattr(pipe, a) for a in COMPONENT_ATTRS
+               if isinstance(getattr(pipe, a, None), nn.Module)}
+    chosen = make_profile(type(pipe.transformer).__name__, profile, scheme, components, match,
+                          present=tuple(present))
     return LoadedPipeline(pipe, model, path, fingerprint_dir(path), device, dtype, chosen,
-                          LayerIndex.discover(pipe.transformer, chosen))
+                          LayerIndex.discover(present, chosen))

@@ -10,11 +10,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from layerscan.engine import Fp8Engine
-from layerscan.generate import Baseline, GenerationSpec, baseline_key, load_or_build_baseline, read_prompts
+from layerscan.errors import UserError
+from layerscan.floor import NoiseFloor, measure_floor
+from layerscan.generate import (
+    FLOOR_VARIANTS, Baseline, GenerationSpec, baseline_key, baseline_lock, load_or_build_baseline,
+    read_prompts,
+)
 from layerscan.metrics import Scorer, check_accuracy_prompts, checker_fingerprint, resolve_metrics
 from layerscan.pipeline import LoadedPipeline, load_pipeline, local_model_dir
-from layerscan.study import Study
-from layerscan.workers import baseline_lock
+from layerscan.proxy.capture import capture_trajectory
+from layerscan.study import Criterion, Study
 
 
 def compile_transformer(transformer) -> None:
@@ -40,14 +45,18 @@ class Session:
     spec: GenerationSpec
     scorer: Scorer
     metrics: list[str]
-    baseline: Baseline
+    baseline: Baseline | None = None
+    floor: NoiseFloor | None = None
+    criterion: Criterion | None = None  # the study's, with floor-relative thresholds resolved
 
     @property
     def eval_key(self) -> str:
         """Identifies the evaluation settings; trial records from other settings are not reused."""
+        profile = self.loaded.profile
         fields = dict(baseline=baseline_key(self.loaded, self.spec), metrics=self.metrics,
-                      lpips_net=self.study.lpips_net, scheme=self.study.activation_scheme,
-                      profile=self.loaded.profile.name)
+                      lpips_net=self.study.lpips_net, activation=self.study.activation_scheme,
+                      profile=profile.name, scheme=profile.scheme,
+                      components=[(c.attr, c.method) for c in profile.components])
         if "accuracy" in self.metrics:  # a changed checker scores the same pictures differently
             fields["checker"] = checker_fingerprint()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
@@ -61,8 +70,8 @@ def open_session(
     allow_missing_lpips: bool = False,
     warn=print,
 ) -> Session:
-    """Validate inputs cheaply first (model reference, prompts, metrics), then load, quantize
-    and baseline."""
+    """Validate inputs cheaply first (model reference, prompts, metrics), then load, quantize,
+    generate (or load) the BF16 baseline with its noise-floor variants and measure the floor."""
     local_model_dir(study.model)
     prompts = read_prompts(study.prompts)
     metrics = resolve_metrics(study.metrics, study.lpips_net, allow_missing_lpips)
@@ -72,24 +81,33 @@ def open_session(
     if "accuracy" in metrics:
         check_accuracy_prompts(prompts)
     if study.criterion.metric not in metrics:
-        from layerscan.errors import UserError
         raise UserError(f"the criterion uses {study.criterion.metric}, which cannot be computed "
-                        "here; choose another with --criterion-metric")
+                        "here; choose another with --criterion-metric (e.g. --criterion-metric psnr)")
     spec = GenerationSpec(prompts, tuple(study.seeds), study.steps, study.height, study.width,
                           study.guidance, study.image, tuple(sorted(study.pipeline_kwargs.items())))
     loaded = load_pipeline(study.model, device, trust_remote_code=trust_remote_code,
-                           revision=study.revision, profile=study.profile)
+                           revision=study.revision, profile=study.profile, scheme=study.scheme,
+                           components=study.components, match=study.layer_match)
     scorer = Scorer(metrics, study.lpips_net, str(loaded.device))
     engine = Fp8Engine(loaded, study.activation_scheme)
     if engine.residency == "requantize":
-        warn("DiT weights: BF16 and FP8 copies do not fit side by side on "
+        warn("weights: BF16 and FP8 copies of the quantized layers do not fit side by side on "
              f"{loaded.device}; re-quantizing on every switch")
     if study.compile:
         compile_transformer(loaded.transformer)
     engine.apply(None)
-    # One process builds a baseline; others on the same cache wait for it and load it.
+    session = Session(study, loaded, engine, spec, scorer, metrics)
+    images = len(spec.items())
+    # One process builds a baseline; others on the same cache wait for it and load it.  The
+    # denoising trajectory the proxies replay is recorded on the way, at the cost of a few copies.
     with baseline_lock(loaded, spec, cache_root), \
-            tqdm(total=len(spec.items()), desc="BF16 baseline", unit="img", leave=False) as bar:
-        baseline = load_or_build_baseline(loaded, spec, cache_root,
-                                          on_image=lambda i, s: bar.update(1))
-    return Session(study, loaded, engine, spec, scorer, metrics, baseline)
+            tqdm(total=images * (1 + len(FLOOR_VARIANTS)), desc="BF16 baseline + noise floor",
+                 unit="img", leave=False) as bar:
+        session.baseline = load_or_build_baseline(
+            loaded, spec, cache_root, on_image=lambda i, s: bar.update(1),
+            capture=capture_trajectory(loaded, spec))
+    session.floor = measure_floor(scorer, session.baseline, [p for _, p, _ in spec.items()])
+    crit = study.criterion
+    session.criterion = crit.resolve(session.floor.mean.get(crit.metric),
+                                     session.floor.worst.get(crit.metric))
+    return session

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import signal
@@ -65,8 +64,8 @@ def study_values(study) -> dict:
     """A Study as the flat dict ``build_study`` takes, JSON-safe, without the storage URL."""
     values = {f.name: getattr(study, f.name) for f in dataclasses.fields(study)
               if f.name not in ("criterion", "storage")}
-    values.update(criterion_metric=study.criterion.metric, criterion_mean=study.criterion.mean,
-                  criterion_worst=study.criterion.worst, strategy="optuna",
+    values.update(criterion_metric=study.criterion.metric, criterion_mean=str(study.criterion.mean),
+                  criterion_worst=str(study.criterion.worst), strategy="optuna",
                   prompts=str(Path(study.prompts).resolve()))
     return json.loads(json.dumps(values))
 
@@ -83,7 +82,8 @@ def study_attrs(session, heartbeat: int) -> dict:
         "baseline_key": baseline_key(loaded, session.spec),
         "model_fingerprint": loaded.fingerprint,
         "device": _device_name(loaded.device),
-        "groups": [g.pattern for g in loaded.index.groups(study.granularity)],
+        "groups": [g.pattern for g in loaded.index.groups(study.granularity,
+                                                          study.text_encoder_granularity)],
         "criterion": study.criterion.describe(),
         "heartbeat_s": heartbeat,
     }
@@ -112,53 +112,6 @@ def sharing_for(session, pool: "WorkerPool | None" = None):
     return Sharing(worker=pool.parent_label if pool else "main", host=socket.gethostname(),
                    device=_device_name(session.loaded.device), pid=os.getpid(), seed_offset=0,
                    heartbeat_s=beat, study_attrs=study_attrs(session, beat), on_ready=ready)
-
-
-def shared_records(records: list, storage_url: str | None, study_name: str, criterion) -> list:
-    """``records`` plus the evaluations other workers recorded in the study (local ones win)."""
-    import optuna
-
-    from layerscan.evaluate import TrialRecord, judge
-    from layerscan.search.optuna_search import open_storage, record_of
-
-    if storage_url is None:
-        return records
-    try:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url, None))
-    except KeyError:  # no such study (the search stopped before creating it)
-        return records
-    merged = {r.config: r for r in records}
-    for trial in study.get_trials(deepcopy=False):
-        data = record_of(trial)
-        if data is not None:
-            record = judge(TrialRecord.from_dict(data), criterion)
-            merged.setdefault(record.config, record)
-    return list(merged.values())
-
-
-# --- the BF16 baseline, once per cache -------------------------------------------------------
-
-@contextlib.contextmanager
-def baseline_lock(loaded, spec, cache_root: Path | None = None):
-    """Hold an exclusive lock on this baseline's cache entry while it is loaded or built.
-
-    A second process on the same cache (this host, or a shared filesystem with working
-    ``flock``) waits here, then finds the finished entry and loads it.
-    """
-    from layerscan.generate import baseline_key, default_cache_root
-
-    root = (cache_root or default_cache_root()) / "baselines"
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{baseline_key(loaded, spec)}.lock", "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print("waiting for another process to finish this BF16 baseline", file=sys.stderr)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --- several workers on one host ---------------------------------------------------------------
@@ -260,7 +213,9 @@ def pool_for_run(args, study, out_dir: Path) -> WorkerPool | None:
     first = slots[0]
     if first.device == "cuda":
         args.device = f"cuda:{args.gpus[0]}"
-    if study.strategy != "optuna":
+    from layerscan.search import STRATEGIES
+
+    if not STRATEGIES[study.strategy].shares_study:
         print(f"strategy {study.strategy} runs on one worker; --gpus/--workers spread only "
               "--strategy optuna", file=sys.stderr)
         return None
@@ -330,11 +285,10 @@ def worker_main(args) -> int:
     _set_threads(args.threads)
     attrs = read_study_attrs(url, args.study)
 
-    from layerscan.evaluate import evaluate
-    from layerscan.search.base import BudgetExhausted, SearchContext
+    from layerscan.search.base import SearchContext
+    from layerscan.search.ledger import BudgetExhausted, TrialLedger
     from layerscan.search.optuna_search import OptunaStrategy, Sharing
     from layerscan.session import open_session
-    from layerscan.store import TrialStore
     from layerscan.study import build_study, slugify
 
     values = dict(attrs[SPEC_ATTR])
@@ -352,7 +306,7 @@ def worker_main(args) -> int:
     if session.loaded.fingerprint != attrs.get("model_fingerprint"):
         raise UserError(f"the model at {study.model} is not the one study {args.study!r} searches "
                         "(its content differs); pass --model with the path of the same model here")
-    groups = session.loaded.index.groups(study.granularity)
+    groups = session.loaded.index.groups(study.granularity, study.text_encoder_granularity)
     if [g.pattern for g in groups] != attrs.get("groups"):
         raise UserError("this model's layer groups differ from the study's; is it the same model "
                         "and layerscan version?")
@@ -361,21 +315,10 @@ def worker_main(args) -> int:
               f"({_device_name(session.loaded.device)} vs {attrs.get('device')}, or other torch/"
               "diffusers versions): it scores against its own BF16 baseline", file=sys.stderr)
 
-    store = TrialStore(out / "trials.jsonl", session.eval_key)
-
-    def evaluate_patterns(patterns):
-        cached = store.get(patterns)
-        if cached is not None:
-            return cached
-        record = evaluate(session.engine, patterns, session.spec, session.baseline,
-                          session.scorer, study.criterion)
-        record.strategy = "optuna"
-        store.add(record)
-        print(f"[{label}] {record.label}: {record.status}", file=sys.stderr)
-        return record
-
-    ctx = SearchContext(groups, study.criterion, evaluate_patterns, seed=study.seed, storage=url,
-                        study_name=args.study, max_trials=study.max_trials)
+    ledger = TrialLedger(session, out, "optuna", on_record=lambda r: print(
+        f"[{label}] {r.label}: {r.status}", file=sys.stderr))
+    ctx = SearchContext(ledger, groups, session.criterion, seed=study.seed, storage=url,
+                        study_name=args.study, max_trials=study.max_trials, session=session)
     strategy = OptunaStrategy(sharing=Sharing(
         worker=label, host=host, device=_device_name(session.loaded.device), pid=pid,
         seed_offset=args.seed_offset if args.seed_offset is not None else pid,

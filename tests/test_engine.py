@@ -24,6 +24,12 @@ def qwen(tiny_qwen_dir):
     return loaded, Fp8Engine(loaded)
 
 
+@pytest.fixture(scope="module")
+def qwen_seed(tiny_qwen_dir):
+    loaded = load_pipeline(str(tiny_qwen_dir), "cpu", scheme="seed")
+    return loaded, Fp8Engine(loaded)
+
+
 def _image(loaded, prompt="a red circle", seed=0):
     return generate_image(loaded, SPEC, prompt, seed)
 
@@ -44,28 +50,43 @@ def test_switching_back_to_bf16_is_bit_exact(qwen):
 
 def test_apply_sets_exactly_the_unmatched_layers_to_fp8(qwen):
     loaded, engine = qwen
-    engine.apply(["img_mlp", "to_add_out"])
+    engine.apply(["img_mlp", "to_add_out", "text_encoder:layers.1."])
     quantized = set(engine.quantized_layers())
-    names = {l.engine_name for l in loaded.index.layers}
-    assert quantized == {n for n in names if "img_mlp" not in n and "to_add_out" not in n}
-    modules = dict(loaded.transformer.named_modules())
+    names = {l.name for l in loaded.index.layers}
+    assert quantized == {n for n in names if "img_mlp" not in n and "to_add_out" not in n
+                         and not n.startswith("text_encoder:layers.1.")}
     for layer in loaded.index.layers:
+        modules = dict(loaded.components[layer.component].named_modules())
         for name in layer.modules:
             module = modules[name]
             assert isinstance(module, Fp8Linear)
-            assert module.fp8_enabled == (layer.engine_name in quantized)
+            assert module.fp8_enabled == (layer.name in quantized)
             assert module.weight_fp8.dtype == FP8_DTYPE
     # Shards of a fused layer share one scale, as vLLM quantizes the fused weight.
+    modules = dict(loaded.transformer.named_modules())
     qkv = next(l for l in loaded.index.layers if l.engine_name.endswith("to_qkv"))
     scales = {float(modules[n].weight_scale) for n in qkv.modules}
     assert len(scales) == 1
-    # Qwen-Image: text encoder and VAE weights at rest in FP8 under any FP8 configuration.
+    # vllm-omni: the text encoder's language model runs W8A8; its vision tower and the VAE stay.
+    assert loaded.pipe.text_encoder.model.language_model.layers[0].mlp.down_proj.fp8_enabled
+    assert not isinstance(loaded.pipe.text_encoder.model.visual.blocks[0].mlp.down_proj, Fp8Linear)
+    assert loaded.pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    engine.apply(None)
+
+
+def test_seed_scheme_stores_text_encoder_and_vae_in_fp8(qwen_seed):
+    loaded, engine = qwen_seed
+    engine.apply([])
     assert loaded.pipe.vae.decoder.conv_in.weight.dtype == FP8_DTYPE
+    assert loaded.pipe.text_encoder.model.language_model.layers[0].mlp.down_proj.weight.dtype == FP8_DTYPE
+    engine.apply(["vae:"])  # the VAE kept whole in BF16
+    assert loaded.pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert loaded.pipe.text_encoder.model.language_model.layers[0].mlp.down_proj.weight.dtype == FP8_DTYPE
     engine.apply(None)
     assert loaded.pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16
 
 
-def test_weight_bytes_are_exact(qwen):
+def test_weight_bytes_are_exact(qwen, qwen_seed):
     loaded, engine = qwen
     bf16 = engine.weight_bytes(None)
     fp8 = engine.weight_bytes([])
@@ -73,12 +94,19 @@ def test_weight_bytes_are_exact(qwen):
     dit = sum(p.numel() for p in loaded.transformer.parameters())
     assert bf16["transformer"] == 2 * dit
     # Independent count: every quantized weight saves one byte and costs a 4-byte scale per layer.
+    for component in ("transformer", "text_encoder"):
+        modules = dict(loaded.components[component].named_modules())
+        layers = loaded.index.of(component)
+        weights = sum(modules[n].weight.numel() for l in layers for n in l.modules)
+        assert bf16[component] - fp8[component] == weights - 4 * len(layers)
+    assert bf16["vae"] == fp8["vae"]  # vllm-omni leaves the VAE alone
+    assert engine.bf16_kept_bytes(["text_encoder:"]) == bf16["text_encoder"] - fp8["text_encoder"]
     modules = dict(loaded.transformer.named_modules())
-    weights = sum(modules[n].weight.numel() for l in loaded.index.layers for n in l.modules)
-    assert bf16["transformer"] - fp8["transformer"] == weights - 4 * len(loaded.index.layers)
     mlp_layers = [l for l in loaded.index.layers if "img_mlp" in l.engine_name]
     mlp_weights = sum(modules[n].weight.numel() for l in mlp_layers for n in l.modules)
     assert img_mlp["transformer"] - fp8["transformer"] == mlp_weights - 4 * len(mlp_layers)
+    loaded, engine = qwen_seed
+    bf16, fp8 = engine.weight_bytes(None), engine.weight_bytes([])
     vae_weights = sum(m.weight.numel() for m in loaded.pipe.vae.modules()
                       if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)))
     vae_count = sum(1 for m in loaded.pipe.vae.modules()
@@ -175,7 +203,7 @@ def test_requantize_residency_holds_exactly_the_analytic_bytes(tiny_qwen_dir):
         engine.apply(config)
         expected = engine.weight_bytes(config)["transformer"]
         skipped = loaded.index.skipped(config)
-        quantized_scales = 4 * sum(1 for l in loaded.index.layers if l.engine_name not in skipped)
+        quantized_scales = 4 * sum(1 for l in loaded.index.of("transformer") if l.name not in skipped)
         # Held on the device: parameters + FP8 copies; analytic adds one scale per fused layer.
         assert held(loaded.transformer) + quantized_scales == expected, config
     engine.apply(None)

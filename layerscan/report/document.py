@@ -1,4 +1,9 @@
-"""Write a run's full report directory: the outputs, the charts, the image grids and report.md."""
+"""Write a run's full report directory: the outputs, the charts, the image grid and report.md.
+
+Every number comes from the run's ledger and session; every image from the evaluations
+themselves (``TrialLedger.images_of``), so writing the report generates nothing that was
+generated before.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +11,23 @@ import json
 import platform
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from layerscan.engine import describe
-from layerscan.errors import UserError
 from layerscan.evaluate import TrialRecord
-from layerscan.generate import iter_images, save_png
+from layerscan.generate import FLOOR_VARIANTS, save_png
+from layerscan.layers import MAIN
 from layerscan.metrics import METRICS
-from layerscan.proxy import evaluation_cost, report_section as proxy_report_section
-from layerscan.report.outputs import (
-    ROW_HEADER, cli_flags, format_row, quantization_config, trials_frame, write_recommendation,
-)
+from layerscan.report.outputs import quantization_configs, serve_flag, trials_frame, write_recommendation
 from layerscan.report.plots import format_bytes, image_grid, pareto_chart, sensitivity_chart
+from layerscan.report.proxy_section import report_section as proxy_report_section
+from layerscan.report.table import HEADERS, column_keys, render_row, table_row
 from layerscan.runner import RunOutcome
 from layerscan.session import Session
-from layerscan.study import LOWER_IS_BETTER
+from layerscan.stats import paired_difference_ci
 from layerscan.workers import redact_url as _redact  # storage URLs without passwords
 
-GRID_PROMPTS = 4  # image grids for the first few prompts keep the report readable
-
-
-def render(session: Session, config) -> list[np.ndarray] | None:
-    """Regenerate a configuration's images (deterministic seeds make them the evaluated ones).
-
-    None when the configuration cannot produce images (it failed in the search too).
-    """
-    session.engine.apply(config)
-    try:
-        return [image for _, image, _ in iter_images(session.loaded, session.spec)]
-    except (UserError, RuntimeError):
-        return None
+GRID_PROMPTS = 4  # image grid rows: the first few images keep the report readable
 
 
 def _fmt(value: float | None, metric: str) -> str:
@@ -45,47 +36,76 @@ def _fmt(value: float | None, metric: str) -> str:
     return format(value, METRICS[metric].fmt)
 
 
-def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended) -> str:
-    head = ["configuration"] + [f"{m} mean / worst" for m in metrics] + [
+def _with_ci(r: TrialRecord, metric: str) -> str:
+    mean = _fmt(r.mean.get(metric), metric)
+    ci = r.ci.get(metric)
+    if ci is None or r.status != "complete" or ci[0] == ci[1]:
+        return mean
+    return f"{mean} [{_fmt(ci[0], metric)}, {_fmt(ci[1], metric)}]"
+
+
+def _status(r: TrialRecord) -> str:
+    if r.config is None:
+        status = "reference"
+    else:
+        status = r.status if r.status != "complete" else ("pass" if r.passes else "fail")
+    if r.error:
+        status += f": {r.error[:60]}"
+    return status
+
+
+def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended, floor) -> str:
+    head = ["configuration"] + [f"{m} mean [95 % CI] / worst" for m in metrics] + [
         "weights", "BF16 kept", "s/img", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if floor is not None and floor.mean:
+        cells = ["*noise floor* (BF16 vs BF16)"] + [
+            f"{_fmt(floor.mean.get(m), m)} / {_fmt(floor.worst.get(m), m)}" for m in metrics]
+        lines.append("| " + " | ".join(cells + ["", "", "", "floor"]) + " |")
     for r in records:
         label = describe(r.config)
         if recommended is not None and r.config == recommended.config:
             label = f"**{label}** (recommended)"
-        if r.config is None:
-            status = "reference"
-        else:
-            status = r.status if r.status != "complete" else ("pass" if r.passes else "fail")
-        if r.error:
-            status += f": {r.error[:60]}"
-        cells = [label] + [f"{_fmt(r.mean.get(m), m)} / {_fmt(r.worst.get(m), m)}" for m in metrics]
+        cells = [label] + [f"{_with_ci(r, m)} / {_fmt(r.worst.get(m), m)}" for m in metrics]
         cells += [format_bytes(r.total_weight_bytes), format_bytes(r.bf16_kept_bytes),
-                  f"{r.seconds_per_image:.3f}" if r.seconds_per_image else "—", status]
+                  f"{r.seconds_per_image:.3f}" if r.seconds_per_image else "—", _status(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def display_name(session: Session) -> str:
+    study, profile = session.study, session.loaded.profile
+    if study.name or profile.name == "default":
+        return study.name or study.slug
+    return profile.display_name or study.slug
+
+
 def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     study, loaded = session.study, session.loaded
-    crit = study.criterion
-    display = loaded.profile.display_name or study.slug
-    if loaded.profile.name == "default" or study.name:
-        display = study.name or study.slug
-    bf16 = next((r for r in outcome.records if r.config is None), None)
+    crit = session.criterion
+    display = display_name(session)
+    ledger = outcome.ledger
+    bf16 = ledger.reference
     fp8_all = next((r for r in outcome.records if r.config == ()), None)
     rec = outcome.recommended
 
-    row = format_row(display, study.model, loaded.profile, rec)
-    (out_dir / "row.md").write_text(row, encoding="utf-8")
-    write_recommendation(out_dir / "recommendation.json", study.model, rec, bf16, crit.describe(), {
+    row = table_row(display, study.model, loaded, rec, crit.describe())
+    header = HEADERS[loaded.profile.scheme]
+    row_line = render_row(row, column_keys(header.splitlines()[0], "header"))
+    (out_dir / "row.md").write_text(row_line + "\n", encoding="utf-8")
+    cost = _cost(outcome)
+    write_recommendation(out_dir / "recommendation.json", study.model, rec, bf16, loaded, {
+        "criterion": crit.describe(),
+        "noise_floor": session.floor.as_dict() if session.floor else None,
+        "attribution": {c: _summary(ledger.known(config)) for c, config in outcome.attribution.items()},
         "strategy": study.strategy, "granularity": study.granularity,
-        "evaluated_configurations": sum(r.config is not None for r in outcome.records),
-        **_cost(session, outcome),
-        "pareto_front": [quantization_config(r)["ignored_layers"] for r in outcome.pareto],
+        "evaluated_configurations": cost["configurations"],
+        **{k: v for k, v in cost.items() if k != "configurations"},
+        "pareto_front": [list(r.config or ()) for r in outcome.pareto],
         "storage": _redact(outcome.storage),
+        "display_name": display, "table_row": row,
     })
-    trials_frame(outcome.records, session.metrics).to_csv(out_dir / "trials.csv", index=False)
+    trials_frame(outcome.records, session.metrics, session.floor).to_csv(out_dir / "trials.csv", index=False)
 
     charts = []
     if sensitivity_chart(outcome.records, outcome.groups, crit, out_dir / "sensitivity.png"):
@@ -93,37 +113,55 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     if pareto_chart(outcome.records, outcome.pareto, rec, crit, out_dir / "pareto.png"):
         charts.append(("Quality vs BF16-kept weights", "pareto.png"))
 
-    columns = [("BF16", session.baseline.images)]
-    if fp8_all is not None and fp8_all.status != "failed":
-        columns.append(("FP8 all", render(session, ())))
-    if rec is not None and rec.config:
-        columns.append(("recommended", render(session, rec.config)))
-    columns = [(title, images) for title, images in columns if images is not None]
-    session.engine.apply(None)
-    grids = []
-    for index, prompt, seed in session.spec.items()[:GRID_PROMPTS]:
-        name = f"grid_{index:03d}.png"
-        image_grid([(prompt, [(title, images[index]) for title, images in columns])],
-                   out_dir / name)
-        grids.append((prompt, seed, name))
-    image_dir = out_dir / "images"
-    image_dir.mkdir(exist_ok=True)
-    for title, images in columns:
-        for index, image in enumerate(images):
-            save_png(image, image_dir / f"{title.replace(' ', '-').lower()}_{session.spec.image_name(index)}")
-
-    text = _markdown(session, outcome, display, row, bf16, fp8_all, charts, grids)
+    grid = _images(session, outcome, out_dir, fp8_all, rec)
+    text = _markdown(session, outcome, display, header + row_line + "\n", fp8_all, charts, grid)
     path = out_dir / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
 
 
-def _cost(session: Session, outcome: RunOutcome) -> dict:
-    """Full evaluations in full-evaluation equivalents (a stopped one counts its prompts), and
-    the proxy cost in the same unit when a strategy used proxies."""
-    cost = evaluation_cost(outcome.records, len(session.spec.items()))
-    data = {"full_evaluation_equivalents": round(cost["full_evaluations"], 4),
-            "stopped_early": cost["stopped"]}
+def _summary(record: TrialRecord | None) -> dict | None:
+    if record is None:
+        return None
+    return {"ignored_layers": list(record.config or ()), "status": record.status,
+            "passes": record.passes, "mean": record.mean, "worst": record.worst, "ci95": record.ci}
+
+
+def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) -> str | None:
+    """The image grid (BF16, FP8 everywhere, recommended, with difference maps) and the images
+    behind it in ``images/``, taken from the evaluations."""
+    ledger, spec = outcome.ledger, session.spec
+    rows = list(range(min(GRID_PROMPTS, len(spec.items()))))
+    columns = [("BF16", None)]
+    if fp8_all is not None and fp8_all.status != "failed":
+        columns.append(("FP8 all", ()))
+    if rec is not None and rec.config:
+        columns.append(("recommended", rec.config))
+    found = {title: ledger.images_of(config, rows) for title, config in columns}
+    session.engine.apply(None)
+    columns = [(t, c) for t, c in columns if all(i in found[t] for i in rows)]
+    if not rows or not columns:
+        return None
+    image_dir = out_dir / "images"
+    image_dir.mkdir(exist_ok=True)
+    for title, _ in columns:
+        for index, image in found[title].items():
+            save_png(image, image_dir / f"{title.replace(' ', '-').lower()}_{spec.image_name(index)}")
+    items = spec.items()
+    grid_rows = [(f"{items[i][1]} (seed {items[i][2]})", [(t, found[t][i]) for t, _ in columns])
+                 for i in rows]
+    image_grid(grid_rows, out_dir / "images.png")
+    return "images.png"
+
+
+def _cost(outcome: RunOutcome) -> dict:
+    """Configurations and their cost in full-evaluation equivalents (a stopped one counts its
+    prompts), and the proxy cost in the same unit when a strategy used proxies."""
+    cost = outcome.ledger.cost()
+    data = {"configurations": cost["configurations"],
+            "full_evaluation_equivalents": round(cost["full_evaluations"], 4),
+            "stopped_early": cost["stopped"],
+            "report_generated_images": outcome.ledger.report_generations}
     proxy = outcome.notes.get("proxy", {}).get("cost")
     if proxy:
         data["proxy_cost_full_evaluations"] = round(proxy["full_evaluations"], 4)
@@ -133,75 +171,204 @@ def _cost(session: Session, outcome: RunOutcome) -> dict:
     return data
 
 
-def _markdown(session, outcome, display, row, bf16, fp8_all, charts, grids) -> str:
-    study, loaded, crit = session.study, session.loaded, session.study.criterion
+def _verdict(session: Session, record: TrialRecord | None) -> str:
+    if record is None:
+        return "not evaluated"
+    if record.status == "failed":
+        return f"failed ({record.error})"
+    if record.status == "stopped":
+        return "fails (stopped early)"
+    return "passes" if record.passes else "fails"
+
+
+def _attribution(session: Session, outcome: RunOutcome) -> list[str]:
+    crit, ledger, metric = session.criterion, outcome.ledger, session.criterion.metric
+    index = session.loaded.index
+    lines = ["## What FP8 costs, component by component", "",
+             f"Each quantized component alone in FP8, every other one in BF16 ({crit.describe()}).", "",
+             f"| component | quantized as | {metric} mean [95 % CI] | worst | verdict |", "|---|---|---|---|---|"]
+    if session.floor and metric in session.floor.mean:
+        lines.append(f"| *BF16 noise floor* | — | {_fmt(session.floor.mean[metric], metric)} | "
+                     f"{_fmt(session.floor.worst[metric], metric)} | — |")
+    rows = []
+    for component, config in outcome.attribution.items():
+        record = ledger.known(config)
+        rows.append((component, record))
+        method = "W8A8" if index.method(component) == "w8a8" else "FP8 weight storage"
+        title = session.loaded.profile.component(component).title
+        lines.append(f"| {title} (`{component}`) | {method} | "
+                     f"{_with_ci(record, metric) if record else '—'} | "
+                     f"{_fmt(record.worst.get(metric), metric) if record else '—'} | {_verdict(session, record)} |")
+    fp8_all = ledger.known(())
+    if len(rows) > 1 and fp8_all is not None:
+        lines.append(f"| all of them | | {_with_ci(fp8_all, metric)} | {_fmt(fp8_all.worst.get(metric), metric)} "
+                     f"| {_verdict(session, fp8_all)} |")
+    lines.append("")
+    if outcome.recommended is None:
+        lines += [_floor_message(session, outcome, rows), ""]
+    return lines
+
+
+def _floor_message(session: Session, outcome: RunOutcome, rows) -> str:
+    """Why nothing passed: the component that sets the floor and what would lift it."""
+    crit, metric = session.criterion, session.criterion.metric
+    floor = session.floor
+    if floor and metric in floor.mean and not crit.meets(floor.mean[metric], crit.mean_limit):
+        return (f"**No configuration can pass reliably**: BF16 against itself under numerically "
+                f"equivalent changes already reaches {metric} {_fmt(floor.mean[metric], metric)}, "
+                f"beyond the threshold {_fmt(crit.mean_limit, metric)}. Relax the criterion to at "
+                f"least the floor (e.g. `--criterion-mean \"floor {'+' if crit.lower_is_better else '-'} "
+                f"{'0.05' if crit.lower_is_better else '3'}\"`).")
+    failing = [(c, r) for c, r in rows if r is not None and not r.passes]
+    if failing:
+        def loss(item):
+            record = item[1]
+            return crit.loss(record.mean[metric]) if metric in record.mean else float("inf")
+
+        worst_component, record = max(failing, key=loss)
+        if len(rows) == 1:
+            return (f"**No configuration met the criterion.** FP8 in the {worst_component} misses it "
+                    f"({metric} {_fmt(record.mean.get(metric), metric)}); even the configurations that "
+                    "keep the most in BF16 did not reach it (table below). Keep the model in BF16 "
+                    "or relax the criterion.")
+        return (f"**No configuration met the criterion. The `{worst_component}` sets the floor**: "
+                f"FP8 in it alone, everything else in BF16, gives {metric} "
+                f"{_fmt(record.mean.get(metric), metric)} against the threshold "
+                f"{_fmt(crit.mean_limit, metric)}. Keeping `{worst_component}` layers in BF16 lifts "
+                f"it: the search tried its groups (table below); keep `{worst_component}` whole in "
+                f"BF16 (`\"{worst_component}\": None` in the per-component config) or relax the criterion.")
+    return ("**No configuration met the criterion**, although each component alone in FP8 does: "
+            "their errors add up. Keep more in BF16 (a finer --granularity or --refine) or relax "
+            "the criterion.")
+
+
+def _comparisons(session: Session, outcome: RunOutcome) -> list[str]:
+    """Which differences on the criterion metric the prompts and seeds can resolve."""
+    metric, ledger = session.criterion.metric, outcome.ledger
     rec = outcome.recommended
+    pairs = []
+    fp8_all = ledger.known(())
+    if rec is not None and rec.config and fp8_all is not None and fp8_all.status == "complete":
+        pairs.append(("the recommendation", rec, "FP8 everywhere", fp8_all))
+    floor = session.floor
+    if floor is not None and rec is not None:
+        for variant, data in floor.variants.items():
+            pairs.append(("the recommendation", rec, f"BF16 with {variant}", data))
+            break
+    lines = []
+    for name_a, a, name_b, b in pairs:
+        va = [p[metric] for p in a.per_prompt]
+        vb = [p[metric] for p in (b["per_prompt"] if isinstance(b, dict) else b.per_prompt)]
+        if len(va) != len(vb) or len(va) < 2:
+            continue
+        low, high = paired_difference_ci(va, vb)
+        fmt = METRICS[metric].fmt
+        if low <= 0 <= high:
+            lines.append(f"- {name_a} and {name_b} **cannot be told apart** on {metric}: the 95 % "
+                         f"interval of their paired difference is [{low:{fmt}}, {high:{fmt}}].")
+        else:
+            lines.append(f"- {name_a} differs from {name_b} on {metric} by "
+                         f"[{low:{fmt}}, {high:{fmt}}] (95 % interval of the paired difference).")
+    return lines
+
+
+def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> str:
+    study, loaded, crit = session.study, session.loaded, session.criterion
+    rec, ledger = outcome.recommended, outcome.ledger
+    bf16 = ledger.reference
+    profile = loaded.profile
     device = str(loaded.device)
     if loaded.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(loaded.device)})"
-    evaluated = sum(r.config is not None for r in outcome.records)
+    cost = _cost(outcome)
+    index = loaded.index
+    components = ", ".join(
+        f"{profile.component(c).title} ({len(index.of(c))} layers, "
+        f"{'W8A8' if index.method(c) == 'w8a8' else 'weight storage'})" for c in index.components)
     out = [f"# layerscan report: {display} (`{study.model}`)", ""]
     out += ["## Summary", "",
             f"- Model: `{study.model}` (content fingerprint `{loaded.fingerprint}`), profile "
-            f"`{loaded.profile.name}`: {len(loaded.index.layers)} quantizable DiT layers, "
-            f"{loaded.index.quantizable_params:,} of {loaded.index.total_params:,} DiT parameters "
-            f"({100 * loaded.index.quantizable_params / loaded.index.total_params:.1f} %).",
-            f"- Prompts: {len(session.spec.prompts)} × seeds {list(session.spec.seeds)}; "
-            f"{session.spec.steps} steps, {session.spec.width}x{session.spec.height}, "
-            f"guidance {session.spec.guidance:g}.",
+            f"`{profile.name}` under the `{profile.scheme}` scheme: quantized {components}; "
+            f"`ignored_layers` matched {profile.match}ly by the target.",
+            f"- Prompts: {len(session.spec.prompts)} × seeds {list(session.spec.seeds)} = "
+            f"{len(session.spec.items())} images; {session.spec.steps} steps, "
+            f"{session.spec.width}x{session.spec.height}, guidance {session.spec.guidance:g}.",
             f"- Criterion: {crit.describe()} "
-            f"{'(each picture against its prompt)' if crit.metric == 'accuracy' else 'against the BF16 baseline'}. Metrics: "
-            f"{', '.join(session.metrics)}.",
+            f"{'(each picture against its prompt)' if crit.metric == 'accuracy' else 'against the BF16 baseline'}; "
+            "a configuration passes when the pessimistic end of its mean's one-sided 95 % bootstrap "
+            f"interval meets the mean threshold. Metrics: {', '.join(session.metrics)}.",
             f"- Search: `{study.strategy}` over {len(outcome.groups)} groups at `{study.granularity}` "
-            f"granularity; {evaluated} FP8 configurations evaluated "
-            f"({outcome.new_evaluations} in the last invocation), stopped: {outcome.stop_reason}.",
+            f"granularity; {cost['configurations']} FP8 configurations on record "
+            f"({outcome.new_evaluations} evaluated in this invocation), stopped: {outcome.stop_reason}.",
             f"- Device: {device}, torch {torch.__version__}, {platform.machine()}; "
             f"activation scaling per {study.activation_scheme}; times are "
-            f"{bf16.execution_mode if bf16 else 'eager'} mode (median seconds per image); DiT weights "
+            f"{bf16.execution_mode} mode (median seconds per image; BF16's measured while the "
+            "baseline was generated); weights "
             f"{'resident in BF16 and FP8' if session.engine.residency == 'both' else 're-quantized on every switch (both copies do not fit)'}.",
             ""]
+    out += _attribution(session, outcome)
     out += ["## Recommendation", ""]
     if rec is None:
-        out += ["No FP8 configuration met the criterion. Keep the model in BF16 or relax the "
-                "criterion; the table below shows how close each configuration came.", ""]
+        out += ["No FP8 configuration met the criterion (see above for which component sets the "
+                "floor); the table below shows how close each configuration came.", ""]
     else:
-        direction = "lower" if LOWER_IS_BETTER[crit.metric] else "higher"
-        out += [f"**{describe(rec.config)}**: {crit.metric} mean {_fmt(rec.mean[crit.metric], crit.metric)}, "
+        configs = quantization_configs(rec, loaded)
+        direction = "lower" if crit.lower_is_better else "higher"
+        out += [f"**{describe(rec.config)}**: {crit.metric} mean {_with_ci(rec, crit.metric)}, "
                 f"worst {_fmt(rec.worst[crit.metric], crit.metric)} ({direction} is better).", "",
                 "```python", f'Omni(model="{study.model}",',
-                f"     quantization_config={json.dumps(quantization_config(rec))})", "```", "",
-                f"CLI: `{cli_flags(rec)}`", ""]
-        if bf16 is not None:
-            saved = bf16.total_weight_bytes - rec.total_weight_bytes
-            out += [f"Weights: {format_bytes(rec.total_weight_bytes)} vs "
-                    f"{format_bytes(bf16.total_weight_bytes)} in BF16 "
-                    f"({format_bytes(saved)} saved, {100 * saved / bf16.total_weight_bytes:.1f} %).", ""]
-    out += ["Supported-models table row (`row.md`):", "", ROW_HEADER + row, ""]
+                f"     quantization_config={json.dumps(configs['paste'])})", "```", "",
+                f"Serving: `{serve_flag(configs['paste'])}`", ""]
+        if configs["flat"] is not None and configs["paste"] is configs["flat"]:
+            out += ["Per component (for pipelines that route a per-component config): "
+                    f"`{json.dumps(configs['per_component'])}`", ""]
+        elif configs["flat"] is None:
+            out += ["The flat form `{\"method\": \"fp8\", \"ignored_layers\": [...]}` would not select "
+                    "the same layers in every component here, so only the per-component form is given.", ""]
+        if profile.match == "exact" and rec.config:
+            out += [f"The lists name every layer: vLLM matches `ignored_layers` exactly by default, so "
+                    f"the compact patterns ({', '.join(f'`{p}`' for p in rec.config)}) would skip "
+                    "nothing there; they are what the table row shows.", ""]
+        saved = bf16.total_weight_bytes - rec.total_weight_bytes
+        out += [f"Weights: {format_bytes(rec.total_weight_bytes)} vs "
+                f"{format_bytes(bf16.total_weight_bytes)} in BF16 "
+                f"({format_bytes(saved)} saved, {100 * saved / bf16.total_weight_bytes:.1f} %).", ""]
+        out += _comparisons(session, outcome) + [""]
+    out += ["Supported-models table row (`row.md`; `layerscan table --update FILE` writes it "
+            "into any table with either header):", "", row_table, ""]
+    if session.floor and session.floor.variants:
+        out += ["## Noise floor", "",
+                "BF16 against the BF16 baseline under numerically equivalent changes, same prompts "
+                "and seeds. Distances this small are not FP8's doing.", "",
+                "| variant | " + " | ".join(f"{m} mean / worst" for m in session.metrics) + " |",
+                "|---|" + "---|" * len(session.metrics)]
+        for variant, data in session.floor.variants.items():
+            out.append(f"| {variant}: {FLOOR_VARIANTS[variant]} | " + " | ".join(
+                f"{_fmt(data['mean'][m], m)} / {_fmt(data['worst'][m], m)}" for m in session.metrics) + " |")
+        out.append("")
     out += ["## Ablation", "",
-            "Every configuration evaluated, BF16 reference first. Weights are exact analytic "
+            "Every configuration on record, BF16 reference first. Weights are exact analytic "
             "bytes (FP8 weights + float32 scales, the rest BF16) over all components.", "",
-            _ablation_table(outcome.records, session.metrics, rec), ""]
+            _ablation_table(outcome.records, session.metrics, rec, session.floor), ""]
     if outcome.pareto:
         out += ["Pareto front (quality loss vs BF16-kept bytes): " +
                 "; ".join(describe(r.config) for r in outcome.pareto), ""]
-    cost = _cost(session, outcome)
-    out += [f"Cost: {evaluated} FP8 configurations, "
+    out += [f"Cost: {cost['configurations']} FP8 configurations, "
             f"{cost['full_evaluation_equivalents']:.2f} full-evaluation equivalents "
             f"({cost['stopped_early']} stopped early once their prompts proved a failure)"
             + (f"; proxies {cost['proxy_cost_full_evaluations']:.3f}" if "proxy_cost_full_evaluations"
-               in cost else "") + ".", ""]
+               in cost else "")
+            + f"; the report generated {cost['report_generated_images']} image(s) no evaluation had made.", ""]
     out += proxy_report_section(outcome.notes, outcome.records, crit)
     for title, name in charts:
         out += [f"## {title}", "", f"![{title}]({name})", ""]
-    if grids:
+    if grid:
         out += ["## Images", "", "BF16, FP8 everywhere and the recommended configuration, with "
-                "absolute-difference heat maps against BF16.", ""]
-        for prompt, seed, name in grids:
-            out += [f"**{prompt}** (seed {seed})", "", f"![{prompt}]({name})", ""]
+                "absolute-difference heat maps against BF16.", "", f"![images]({grid})", ""]
     out += ["## Files", "", "- `recommendation.json`: the config to paste, with its numbers",
             "- `row.md`: the supported-models table row", "- `trials.csv`: every configuration",
             "- `trials.jsonl`: the resumable record a rerun continues from",
-            "- `images/`: the generated images"]
+            "- `images/`: the images in the grid"]
     if outcome.storage:
         out += [f"- Optuna study `{_redact(outcome.storage)}` (open with optuna-dashboard)"]
     return "\n".join(out) + "\n"

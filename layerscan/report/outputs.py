@@ -1,7 +1,13 @@
 """The machine-readable outputs: recommendation.json, row.md and trials.csv.
 
-The row format is the one of vLLM-Omni's FP8 supported-models table; ``ROW_HEADER`` and
-``format_row`` are the only places that know it.
+``quantization_config`` is written the way the target takes it.  Per component: the key of each
+pipeline component, ``None`` for a component left in BF16 (or never quantized), otherwise
+``{"method": "fp8", "ignored_layers": [...]}``.  The flat form ``{"method": "fp8",
+"ignored_layers": [...]}`` reaches every quantization-aware component with one list; it is given
+when it selects exactly the same layers in every component.  The lists are spelled for the
+target's matching (``Profile.match``): full layer names under vLLM's default exact matching
+(a family pattern such as ``img_mlp`` would skip nothing there), the shortest substring
+patterns under substring matching.
 """
 
 from __future__ import annotations
@@ -12,50 +18,125 @@ from pathlib import Path
 import pandas as pd
 
 from layerscan.evaluate import TrialRecord
-from layerscan.layers import Profile
+from layerscan.layers import LayerIndex, qualify, split_pattern
+from layerscan.pipeline import LoadedPipeline
+from layerscan.profiles import STORAGE
 
-ROW_HEADER = ("| Model | HF Models | DiT FP8 | Text Encoder FP8 | VAE FP8 | `ignored_layers` |\n"
-              "|-------|-----------|:-------:|:----------------:|:-------:|------------------|\n")
-YES, NO = "✅", "—"
-
-
-def quantization_config(record: TrialRecord) -> dict:
-    return {"method": "fp8", "ignored_layers": list(record.config or ())}
+METHOD = "fp8"
 
 
-def cli_flags(record: TrialRecord) -> str:
-    flags = "--quantization fp8"
-    if record.config:
-        flags += f' --ignored-layers "{",".join(record.config)}"'
+def kept_by_component(config: tuple[str, ...], index: LayerIndex) -> dict[str, list[str] | None]:
+    """Per quantized component: ``None`` when kept whole in BF16, else its patterns (unqualified)."""
+    out: dict[str, list[str] | None] = {c: [] for c in index.components}
+    skipped = index.skipped(config)
+    for component in index.components:
+        layers = index.of(component)
+        if layers and all(l.name in skipped for l in layers):
+            out[component] = None
+    for pattern in config:
+        component, inner = split_pattern(pattern)
+        if out.get(component) is not None:
+            out[component].append(inner)
+    return out
+
+
+def _selects(name: str, patterns: list[str], match: str) -> bool:
+    return name in patterns if match == "exact" else any(p in name for p in patterns)
+
+
+def ignored_list(component: str, patterns: list[str], index: LayerIndex) -> list[str]:
+    """A component's ignored_layers as the target matches them."""
+    if index.profile.match == "substring":
+        return sorted(patterns)
+    skipped = index.skipped([qualify(component, p) for p in patterns])
+    return sorted(l.engine_name for l in index.of(component) if l.name in skipped)
+
+
+def quantization_configs(record: TrialRecord, loaded: LoadedPipeline) -> dict:
+    """``per_component``, ``flat`` (None when not equivalent) and ``paste`` (what to use)."""
+    index = loaded.index
+    kept = kept_by_component(record.config or (), index)
+    per_component: dict[str, dict | None] = {}
+    for attr in loaded.components:
+        if attr not in kept or kept[attr] is None:
+            per_component[attr] = None  # not quantized by this profile, or kept whole in BF16
+            continue
+        entry: dict = {"method": METHOD}
+        names = ignored_list(attr, kept[attr], index)
+        if names:
+            entry["ignored_layers"] = names
+        per_component[attr] = entry
+    flat = _flat_if_equivalent(kept, index)
+    needs_per_component = flat is None
+    return {"per_component": per_component, "flat": flat,
+            "paste": per_component if needs_per_component else flat}
+
+
+def _flat_if_equivalent(kept: dict[str, list[str] | None], index: LayerIndex) -> dict | None:
+    """The flat config when one list selects exactly the intended layers in every component.
+
+    A storage component kept in BF16 cannot be expressed by a list (it has no layers to name).
+    """
+    match = index.profile.match
+    union: list[str] = []
+    intended: dict[str, set[str]] = {}
+    for component, patterns in kept.items():
+        layers = index.of(component)
+        if patterns is None:  # kept whole: every layer named
+            if index.method(component) == STORAGE:
+                return None
+            chosen = [l.engine_name for l in layers]
+            intended[component] = {l.name for l in layers}
+        else:
+            chosen = ignored_list(component, patterns, index)
+            intended[component] = index.skipped([qualify(component, p) for p in patterns])
+        union += [n for n in chosen if n not in union]
+    for component in kept:
+        if index.method(component) == STORAGE:
+            continue
+        selected = {l.name for l in index.of(component) if _selects(l.engine_name, union, match)}
+        if selected != intended[component]:
+            return None
+    config: dict = {"method": METHOD}
+    if union:
+        config["ignored_layers"] = sorted(union)
+    return config
+
+
+def cli_flags(flat: dict | None) -> str | None:
+    """Offline example scripts' flags (flat form only)."""
+    if flat is None:
+        return None
+    flags = f"--quantization {METHOD}"
+    if flat.get("ignored_layers"):
+        flags += f' --ignored-layers "{",".join(flat["ignored_layers"])}"'
     return flags
 
 
-def format_row(display_name: str, model_id: str, profile: Profile, record: TrialRecord | None) -> str:
-    """One table row; ``None`` when nothing needs BF16, ``—`` when no configuration passed."""
-    if record is None:
-        ignored = NO
-    elif not record.config:
-        ignored = "None"
-    else:
-        ignored = ", ".join(f"`{p}`" for p in record.config)
-    cells = [display_name, f"`{model_id}`", YES if profile.dit_fp8 else NO,
-             YES if profile.text_encoder_fp8 else NO, YES if profile.vae_fp8 else NO, ignored]
-    return "| " + " | ".join(cells) + " |\n"
+def serve_flag(config: dict) -> str:
+    """``vllm serve``'s flag for a diffusion model's quantization config, as one JSON string."""
+    return f"--diffusion-quantization-config '{json.dumps(config, separators=(',', ':'))}'"
 
 
 def write_recommendation(path: Path, model: str, recommended: TrialRecord | None,
-                         baseline: TrialRecord | None, criterion: str, extra: dict) -> dict:
+                         baseline: TrialRecord | None, loaded: LoadedPipeline, extra: dict) -> dict:
     """recommendation.json: pasteable into ``Omni(model=..., quantization_config=...)``."""
-    data: dict = {"model": model, "criterion": criterion}
+    profile = loaded.profile
+    data: dict = {"model": model, "scheme": profile.scheme, "layer_match": profile.match}
     if recommended is None:
         data.update(quantization_config=None,
                     note="no FP8 configuration met the criterion; keep this model in BF16 "
-                         "or relax the criterion")
+                         "or relax the criterion (report.md says which component sets the floor)")
     else:
+        configs = quantization_configs(recommended, loaded)
         data.update(
-            quantization_config=quantization_config(recommended),
-            cli=cli_flags(recommended),
-            metrics={"mean": recommended.mean, "worst": recommended.worst},
+            quantization_config=configs["paste"],
+            quantization_config_per_component=configs["per_component"],
+            quantization_config_flat=configs["flat"],
+            ignored_layers_patterns=list(recommended.config or ()),
+            cli=cli_flags(configs["flat"]),
+            serve=serve_flag(configs["paste"]),
+            metrics={"mean": recommended.mean, "worst": recommended.worst, "ci95": recommended.ci},
             weight_bytes=recommended.weight_bytes,
             total_weight_bytes=recommended.total_weight_bytes,
             peak_memory_bytes=recommended.peak_memory_bytes,
@@ -72,8 +153,8 @@ def write_recommendation(path: Path, model: str, recommended: TrialRecord | None
     return data
 
 
-def trials_frame(records: list[TrialRecord], metrics: list[str]) -> pd.DataFrame:
-    """One row per evaluated configuration, in evaluation order."""
+def trials_frame(records: list[TrialRecord], metrics: list[str], floor=None) -> pd.DataFrame:
+    """One row per configuration, BF16 first, with each metric's 95 % interval and the floor."""
     rows = []
     for r in records:
         row = {"configuration": r.label,
@@ -82,6 +163,11 @@ def trials_frame(records: list[TrialRecord], metrics: list[str]) -> pd.DataFrame
         for m in metrics:
             row[f"{m}_mean"] = r.mean.get(m)
             row[f"{m}_worst"] = r.worst.get(m)
+            low, high = r.ci.get(m, (None, None))
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = low, high
+            if floor is not None:
+                row[f"{m}_floor_mean"] = floor.mean.get(m)
+                row[f"{m}_floor_worst"] = floor.worst.get(m)
         row.update({f"weight_bytes_{k}": v for k, v in r.weight_bytes.items()})
         row.update(weight_bytes_total=r.total_weight_bytes, bf16_kept_bytes=r.bf16_kept_bytes,
                    peak_memory_bytes=r.peak_memory_bytes, seconds_per_image=r.seconds_per_image,

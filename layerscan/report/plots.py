@@ -142,12 +142,22 @@ def pareto_chart(records: list[TrialRecord], pareto: list[TrialRecord],
         return [r.bf16_kept_bytes / scale for r in rs], [r.mean[metric] for r in rs]
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter(*xy(points), s=22, color=_MUTED, alpha=0.7, label="FP8 configuration", zorder=2)
+    xs, ys = xy(points)
+    # The 95 % interval of each mean: points whose bars overlap may not differ at all.
+    lows = [r.ci.get(metric, (y, y))[0] for r, y in zip(points, ys)]
+    highs = [r.ci.get(metric, (y, y))[1] for r, y in zip(points, ys)]
+    ax.errorbar(xs, ys, yerr=[[max(0.0, y - lo) for y, lo in zip(ys, lows)],
+                              [max(0.0, hi - y) for y, hi in zip(ys, highs)]],
+                fmt="none", ecolor=_MUTED, alpha=0.5, linewidth=0.8, zorder=1)
+    ax.scatter(xs, ys, s=22, color=_MUTED, alpha=0.7, label="FP8 configuration", zorder=2)
     front = sorted((r for r in pareto if _usable(r, metric)), key=lambda r: r.bf16_kept_bytes)
     if front:
         ax.step(*xy(front), where="post", color=_FRONT, linewidth=1.2, zorder=3)
         ax.scatter(*xy(front), s=40, color=_FRONT, label="Pareto front", zorder=4)
-    ax.axhline(criterion.mean, color=_BAD, linestyle="--", linewidth=1, label="criterion (mean)")
+    ax.axhline(criterion.mean_limit, color=_BAD, linestyle="--", linewidth=1, label="criterion (mean)")
+    if criterion.floor_mean is not None:
+        ax.axhline(criterion.floor_mean, color=_GOOD, linestyle=":", linewidth=1,
+                   label="BF16 noise floor (mean)")
     for r in points:
         if r.config == ():
             ax.annotate("FP8 all", (r.bf16_kept_bytes / scale, r.mean[metric]),

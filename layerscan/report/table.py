@@ -1,40 +1,128 @@
-"""``layerscan table``: gather row.md files into the supported-models table, or update one in place.
+"""The supported-models table row, in whichever columns the target table has.
 
-``update_docs_table`` touches only the table rows it replaces or inserts; every other byte of
-the file, line endings included, stays as it was.
+vLLM-Omni's FP8 page has had two headers: today's
+``| Model | HF models | Online | Pre-calibrated | Recommendation | ignored_layers | Text-Encoder quantization |``
+and the seed guide's ``| Model | HF Models | DiT FP8 | Text Encoder FP8 | VAE FP8 | ignored_layers |``.
+A run stores its row as cells by column key (``recommendation.json``'s ``table_row``);
+``render_row`` writes them in any header's order.  ``update_docs_table`` touches only the rows
+it replaces or inserts: every other byte of the file, line endings included, stays.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from layerscan.errors import UserError
-from layerscan.report.outputs import ROW_HEADER
+
+YES = "✅︎"  # as vLLM-Omni's docs write it (U+2705 U+FE0E)
+NO = "—"
+
+# Normalised header text -> the row key that fills it.
+COLUMNS = {
+    "model": "model", "hf models": "hf_models", "online": "online",
+    "pre-calibrated": "pre_calibrated", "recommendation": "recommendation",
+    "ignored_layers": "ignored_layers", "text-encoder quantization": "text_encoder_quantization",
+    "dit fp8": "dit_fp8", "text encoder fp8": "text_encoder_fp8", "vae fp8": "vae_fp8",
+}
+HEADERS = {
+    "vllm-omni": ("| Model | HF models | Online | Pre-calibrated | Recommendation | `ignored_layers` | Text-Encoder quantization |\n"
+                  "|-------|-----------|:-------:|:------:|----------------|------------------|------------------|\n"),
+    "seed": ("| Model | HF Models | DiT FP8 | Text Encoder FP8 | VAE FP8 | `ignored_layers` |\n"
+             "|-------|-----------|:-------:|:----------------:|:-------:|------------------|\n"),
+}
 
 
-def read_rows(report_dirs: list[Path]) -> list[str]:
-    rows = []
-    for directory in report_dirs:
-        row_file = directory / "row.md" if directory.is_dir() else directory
-        if not row_file.is_file():
-            raise UserError(f"no row.md in {directory}: is it a layerscan report directory?")
-        rows.append(row_file.read_text(encoding="utf-8").strip() + "\n")
-    return rows
+def table_row(display_name: str, model_id: str, loaded, record, criterion: str) -> dict:
+    """Cells by column key for a run whose recommendation is ``record`` (None: nothing passed)."""
+    from layerscan.report.outputs import kept_by_component
+
+    index = loaded.index
+    quantized = {c.attr for c in loaded.profile.components}
+    if record is None:
+        kept: dict = {}
+        ignored, online = "TBD", "No"
+        advice = f"Keep BF16: no FP8 configuration met {criterion} (see the layerscan report)"
+    else:
+        kept = kept_by_component(record.config or (), index)
+        online = "Yes"
+        patterns = list(record.config or ())
+        ignored = ", ".join(f"`{p}`" for p in patterns) if patterns else "None"
+        advice = "All layers" if not patterns else f"Keep {ignored} in BF16"
+
+    def fp8(component: str) -> bool:  # quantized by the profile and not kept whole
+        return component in quantized and record is not None and kept.get(component, []) is not None
+
+    return {
+        "model": display_name, "model_id": model_id, "hf_models": f"`{model_id}`",
+        "online": online, "pre_calibrated": None, "recommendation": advice,
+        "ignored_layers": ignored,
+        "text_encoder_quantization": YES if fp8("text_encoder") and index.method("text_encoder") != "storage" else "",
+        "dit_fp8": YES if fp8("transformer") else NO,
+        "text_encoder_fp8": YES if fp8("text_encoder") else NO,
+        "vae_fp8": YES if fp8("vae") else NO,
+    }
 
 
-def render_table(rows: list[str]) -> str:
-    return ROW_HEADER + "".join(rows)
+def _normalise(header_cell: str) -> str:
+    return re.sub(r"\s+", " ", header_cell.replace("`", "").strip().lower())
 
 
-def _cells(line: str) -> list[str]:
+def cells_of(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def update_docs_table(doc: Path, rows: list[str]) -> list[str]:
-    """Replace each row whose Model or HF Models cell matches, else append it to the table.
+def column_keys(header_line: str, where: str) -> list[str]:
+    """The row key of every column of a header; a column it cannot fill is a one-line error."""
+    keys = []
+    for cell in cells_of(header_line):
+        key = COLUMNS.get(_normalise(cell))
+        if key is None:
+            raise UserError(f"{where}: cannot fill the table column {cell!r}; layerscan knows "
+                            + ", ".join(sorted({c for c in COLUMNS})))
+        keys.append(key)
+    return keys
 
-    Returns "replaced"/"inserted" per row.  The table is the first one whose header has an
-    ``ignored_layers`` column.
+
+def render_row(row: dict, keys: list[str], existing: list[str] | None = None) -> str:
+    """The row's cells in ``keys`` order.  A cell the run has no value for (``None``: e.g.
+    Pre-calibrated, which a run does not measure) keeps the existing row's value, else stays
+    empty."""
+    cells = []
+    for i, key in enumerate(keys):
+        value = row.get(key)
+        if value is None:
+            value = existing[i] if existing is not None and i < len(existing) else ""
+        cells.append(value)
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
+def read_rows(report_dirs: list[Path]) -> list[dict]:
+    rows = []
+    for directory in report_dirs:
+        path = directory / "recommendation.json" if directory.is_dir() else directory
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            rows.append(dict(data["table_row"], _scheme=data.get("scheme", "vllm-omni")))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"no layerscan recommendation.json with a table row in {directory}: "
+                            "is it a layerscan report directory?") from None
+    return rows
+
+
+def render_table(rows: list[dict], header: str | None = None) -> str:
+    """The whole table under ``header`` (default: the header of the first row's scheme)."""
+    header = header or HEADERS[rows[0]["_scheme"] if rows else "vllm-omni"]
+    keys = column_keys(header.splitlines()[0], "table header")
+    return header + "".join(render_row(row, keys) + "\n" for row in rows)
+
+
+def update_docs_table(doc: Path, rows: list[dict]) -> list[str]:
+    """Replace each row whose Model or HF models cell matches, else append it to the table, in
+    the columns of the table already in ``doc``.  Returns "replaced"/"inserted" per row.
+
+    The table is the first one whose header has an ``ignored_layers`` column.
     """
     if not doc.is_file():
         raise UserError(f"docs file not found: {doc}")
@@ -44,24 +132,33 @@ def update_docs_table(doc: Path, rows: list[str]) -> list[str]:
                    if l.lstrip().startswith("|") and "ignored_layers" in l), None)
     if header is None or header + 1 >= len(lines):
         raise UserError(f"{doc} has no supported-models table (a header with ignored_layers)")
+    keys = column_keys(lines[header], str(doc))
+    newline = "\r\n" if lines[header].endswith("\r\n") else "\n"
     end = header + 2
     while end < len(lines) and lines[end].lstrip().startswith("|"):
         end += 1
+    model_col, hf_col = keys.index("model"), keys.index("hf_models") if "hf_models" in keys else None
     actions = []
     for row in rows:
-        new = _cells(row)
-        newline = "\r\n" if lines[header].endswith("\r\n") else "\n"
-        text = row.strip() + newline
-        match = next((i for i in range(header + 2, end)
-                      if _cells(lines[i])[0] == new[0] or _cells(lines[i])[1] == new[1]), None)
+        model_id = row.get("model_id", "")
+
+        def same(line: str) -> bool:
+            cells = cells_of(line)
+            by_name = len(cells) > model_col and cells[model_col] == row.get("model")
+            by_id = (hf_col is not None and len(cells) > hf_col and model_id
+                     and f"`{model_id}`" in cells[hf_col])
+            return by_name or bool(by_id)
+
+        match = next((i for i in range(header + 2, end) if same(lines[i])), None)
         if match is None:
             if end > 0 and not lines[end - 1].endswith(("\n", "\r")):
                 lines[end - 1] += newline
-            lines.insert(end, text)
+            lines.insert(end, render_row(row, keys) + newline)
             end += 1
             actions.append("inserted")
         else:
-            lines[match] = text
+            ending = newline if lines[match].endswith(("\n", "\r")) else ""
+            lines[match] = render_row(row, keys, cells_of(lines[match])) + ending
             actions.append("replaced")
     doc.write_bytes("".join(lines).encode("utf-8"))
     return actions

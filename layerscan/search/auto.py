@@ -25,21 +25,23 @@ Steps:
 
 from __future__ import annotations
 
+import math
+
 from layerscan.engine import describe
-from layerscan.layers import Group
-from layerscan.proxy import Proxies
-from layerscan.refine import (
-    FINER, LayerSetEvaluator, RefinedStrategy, add_then_minimise, cells, index_of,
-)
-from layerscan.search.base import SearchContext
+from layerscan.layers import MAIN, Group
+from layerscan.proxy.scores import Proxies
+from layerscan.search.base import SearchContext, Strategy
 from layerscan.search.greedy import GreedyStrategy
+from layerscan.search.refine import (
+    FINER, LayerSetEvaluator, RefinedStrategy, add_then_minimise, index_of,
+)
 
 E2E_TOP = 3  # at most this many contenders get an end-to-end proxy
 CONTENTION = 4.0  # contenders: layer-local score within this factor of the top score
 JUMP = 0.5  # start from every group scoring at least this fraction of the top score
 
 
-class AutoStrategy:
+class AutoStrategy(Strategy):
     name = "auto"
 
     def __init__(self, refine: bool = False) -> None:
@@ -67,11 +69,11 @@ class AutoStrategy:
         self.evaluate = LayerSetEvaluator(ctx, index)
         try:
             order, first = self._order(ctx.groups, [], "groups")
-            refine = self.refine and ctx.groups[0].granularity in FINER
+            refine = self.refine and any(g.granularity in FINER for g in ctx.groups)
             if self.refine and not refine:
                 self.log.append("module granularity has nothing finer: not refined")
             if refine and first == 1:
-                pieces = cells(index, order[0])
+                pieces = index.cells(order[0])
                 if len(pieces) > 1:
                     self.log.append(f"the proxy points at `{order[0].pattern}` alone: searching "
                                     "its cells directly")
@@ -82,7 +84,7 @@ class AutoStrategy:
             if kept is None or not refine:
                 return
             for group in list(kept):
-                pieces = cells(index, group)
+                pieces = index.cells(group)
                 if len(pieces) < 2:
                     continue
                 rest = [p for p in kept if p is not group]
@@ -102,26 +104,52 @@ class AutoStrategy:
             verdict = "passes" if self.ctx.passes(record) else "fails"
         self.log.append(f"{describe(record.config)}: {verdict}")
 
+    def _component_rank(self) -> dict[str, float]:
+        """Components by how much their FP8 alone hurts (the run's attribution), worst first;
+        a component without a measurement ranks by its proxy alone."""
+        rank = {}
+        for component, config in self.ctx.notes.get("attribution", {}).items():
+            record = self.ctx.ledger.known(tuple(config))
+            if record is not None:
+                rank[component] = -self.ctx.loss(record) if not self.ctx.passes(record) else math.inf
+        return rank
+
     def _order(self, parts: list[Group], rest: list[Group], key: str | None) -> tuple[list[Group], int]:
-        """Parts in proxy order (most helpful to keep first) and how many to start with."""
+        """Parts in proxy order (most helpful to keep first) and how many to start with.
+
+        Parts of different components are ordered component by component, the component whose
+        FP8 alone hurts most first: layer-local errors of a DiT layer and a text-encoder layer
+        are not on one scale.  A component quantized as a whole has no proxy: it comes in its
+        component's place.
+        """
         scores = {p.pattern: self.proxies.score(p.layers) for p in parts}
-        order = sorted(parts, key=lambda p: -scores[p.pattern])
-        top = scores[order[0].pattern]
-        contenders = [p for p in order[:E2E_TOP] if top > 0 and scores[p.pattern] * CONTENTION >= top]
+        components = list(dict.fromkeys(p.component for p in parts))
+        rank = self._component_rank()
+        components.sort(key=lambda c: (rank.get(c, 0.0), components.index(c)))
+        order: list[Group] = []
+        first = 0
         e2e: dict[str, float] = {}
-        if len(contenders) > 1:
-            for part in contenders:
-                e2e[part.pattern] = self.proxies.end_to_end(self.evaluate.patterns(
-                    {n for p in rest + [part] for n in p.layers}))
-            ranked = sorted(contenders, key=lambda p: e2e[p.pattern])
-            order = ranked + [p for p in order if p not in contenders]
-            self.log.append("end-to-end proxy ranked the contenders: " + ", ".join(
-                f"`{p.pattern}` {e2e[p.pattern]:.3g}" for p in ranked))
-        else:
-            self.log.append(f"layer-local proxy is decisive: `{order[0].pattern}` "
-                            + (f"scores {top / scores[order[1].pattern]:.3g}× the next"
-                               if len(order) > 1 and scores[order[1].pattern] > 0 else "stands alone"))
-        first = sum(1 for p in parts if top > 0 and scores[p.pattern] >= JUMP * top)
+        for position, component in enumerate(components):
+            mine = sorted((p for p in parts if p.component == component), key=lambda p: -scores[p.pattern])
+            top = scores[mine[0].pattern]
+            if component == MAIN:
+                contenders = [p for p in mine[:E2E_TOP] if top > 0 and scores[p.pattern] * CONTENTION >= top]
+                if len(contenders) > 1:
+                    for part in contenders:
+                        e2e[part.pattern] = self.proxies.end_to_end(self.evaluate.patterns(
+                            {n for p in rest + [part] for n in p.layers}))
+                    ranked = sorted(contenders, key=lambda p: e2e[p.pattern])
+                    mine = ranked + [p for p in mine if p not in contenders]
+                    self.log.append("end-to-end proxy ranked the contenders: " + ", ".join(
+                        f"`{p.pattern}` {e2e[p.pattern]:.3g}" for p in ranked))
+                elif len(mine) > 1 and scores[mine[1].pattern] > 0:
+                    self.log.append(f"layer-local proxy is decisive: `{mine[0].pattern}` "
+                                    f"scores {top / scores[mine[1].pattern]:.3g}× the next")
+            if position == 0:
+                first = sum(1 for p in mine if top > 0 and scores[p.pattern] >= JUMP * top) or 1
+            order += mine
+        if len(components) > 1:
+            self.log.append("components in order of what their FP8 alone costs: " + ", ".join(components))
         if key is not None:
             entries = self.notes.setdefault(key, [])
             entries.extend(dict(pattern=p.pattern, layer_local=scores[p.pattern],

@@ -1,31 +1,35 @@
 """The interface every search strategy implements, and what it is handed.
 
-Lifecycle: the runner builds a ``SearchContext`` (groups, criterion, an ``evaluate`` that
-answers from the trial store when it can) and calls ``Strategy.run(ctx)`` once.  A strategy
-only decides *which* configurations to ask for; recording, deduplication, budgets, progress
-and the final recommendation are the runner's.  ``evaluate`` raises ``BudgetExhausted`` when no
-new evaluation may start; strategies let it propagate.
+Lifecycle: the runner builds a ``SearchContext`` around the run's ``TrialLedger`` and calls
+``Strategy.run(ctx)`` once.  A strategy only decides *which* configurations to ask for; whether
+one is already known, whether the budget allows a new evaluation, recording it, keeping its
+images and the final recommendation are the ledger's.  ``ctx.evaluate`` raises
+``BudgetExhausted`` when no new evaluation may start; strategies let it propagate.
+
+What a strategy needs from the run beyond that it declares through hooks, the way Optuna's
+samplers declare theirs: ``shares_study`` (other processes may join its search; the runner then
+hands it a ``Sharing`` through ``share``) and ``records_elsewhere`` (evaluations other
+processes made, which the report includes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Iterable
 
 from layerscan.evaluate import TrialRecord
 from layerscan.layers import Group
+from layerscan.search.ledger import BudgetExhausted, TrialLedger
 from layerscan.study import Criterion
 
-
-class BudgetExhausted(Exception):
-    """The trial or time budget is spent; the search ends with what it has."""
+__all__ = ["BudgetExhausted", "SearchContext", "Strategy"]
 
 
 @dataclass
 class SearchContext:
+    ledger: TrialLedger
     groups: list[Group]
     criterion: Criterion
-    evaluate_patterns: Callable[[tuple[str, ...]], TrialRecord]
     seed: int = 0
     storage: str | None = None  # for strategies that persist state of their own (Optuna)
     study_name: str = ""
@@ -34,16 +38,16 @@ class SearchContext:
     refine: bool = False  # refine the answer inside its groups, one level finer (--refine)
     notes: dict = field(default_factory=dict)  # what a strategy reports (proxy ranks, costs)
 
+    def evaluate_patterns(self, patterns: Iterable[str] | None, early_stop: bool = False) -> TrialRecord:
+        return self.ledger.evaluate(patterns, early_stop=early_stop)
+
     def evaluate(self, kept: Iterable[Group], early_stop: bool = False) -> TrialRecord:
         """Evaluate FP8 with ``kept`` groups left in BF16.
 
         ``early_stop``: stop after the prompt that proves the configuration fails (the record
         is then "stopped", judged failing, and its scores cover only the prompts generated).
         """
-        patterns = tuple(sorted({g.pattern for g in kept}))
-        if early_stop:
-            return self.evaluate_patterns(patterns, early_stop=True)
-        return self.evaluate_patterns(patterns)
+        return self.ledger.evaluate({g.pattern for g in kept}, early_stop=early_stop)
 
     def passes(self, record: TrialRecord) -> bool:
         return record.status != "failed" and bool(record.passes)
@@ -55,8 +59,20 @@ class SearchContext:
         return self.criterion.loss(record.mean[self.criterion.metric])
 
 
-class Strategy(Protocol):
-    name: str
+class Strategy:
+    """Base of every strategy: ``run`` plus the hooks a strategy may override."""
+
+    name = ""
+    shares_study = False  # whether other processes can join this search (--gpus/--workers)
+
+    def share(self, sharing) -> None:
+        """Take part in a study other processes share (only when ``shares_study``)."""
+        raise NotImplementedError(f"strategy {self.name} runs in one process")
+
+    def records_elsewhere(self, ctx: SearchContext) -> list[TrialRecord]:
+        """Evaluations other processes made for this search (none unless the study is shared)."""
+        return []
 
     def run(self, ctx: SearchContext) -> None:
         """Ask ``ctx.evaluate`` for the configurations this strategy wants judged."""
+        raise NotImplementedError

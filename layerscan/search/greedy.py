@@ -7,29 +7,15 @@ holds, and each added group is then tried out again so the answer is minimal.
 
 from __future__ import annotations
 
-from layerscan.layers import Group
-from layerscan.search.base import SearchContext
+from layerscan.search.base import SearchContext, Strategy
+from layerscan.search.refine import add_then_minimise
 
 
-class GreedyStrategy:
+class GreedyStrategy(Strategy):
     name = "greedy"
-
-    def __init__(self, order: list[Group] | None = None) -> None:
-        # A precomputed ranking (from a proxy) replaces the one-group-at-a-time evaluations.
-        self.order = order
 
     def run(self, ctx: SearchContext) -> None:
         if ctx.passes(ctx.evaluate([])):
             return
-        order = self.order or sorted(ctx.groups, key=lambda g: ctx.loss(ctx.evaluate([g])))
-        kept: list[Group] = []
-        for group in order:
-            kept.append(group)
-            if ctx.passes(ctx.evaluate(kept)):
-                break
-        else:
-            return  # even every group in BF16 misses the criterion: nothing to minimise
-        for group in list(reversed(kept)):
-            trial = [g for g in kept if g is not group]
-            if trial and ctx.passes(ctx.evaluate(trial)):
-                kept = trial
+        order = sorted(ctx.groups, key=lambda g: ctx.loss(ctx.evaluate([g])))
+        add_then_minimise(ctx.evaluate, ctx.passes, order)

@@ -40,7 +40,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from layerscan.evaluate import TrialRecord, judge
-from layerscan.search.base import BudgetExhausted, SearchContext
+from layerscan.search.base import BudgetExhausted, SearchContext, Strategy
 
 PARAM_PREFIX = "bf16:"  # parameter names read "bf16:img_mlp" in optuna-dashboard
 METRIC_NAMES = ["quality_loss", "bf16_kept_bytes"]
@@ -162,8 +162,9 @@ def progress(study: optuna.Study, patterns: list[str], before: int | None = None
     return Progress(evaluated, in_flight, taken, count)
 
 
-class OptunaStrategy:
+class OptunaStrategy(Strategy):
     name = "optuna"
+    shares_study = True
 
     def __init__(self, greedy_answer: list[str] | None = None,
                  sharing: Sharing | None = None) -> None:
@@ -171,6 +172,18 @@ class OptunaStrategy:
         self.sharing = sharing
         self.evaluated_here = 0
         self._stop_reason: str | None = None
+
+    def share(self, sharing: Sharing) -> None:
+        self.sharing = sharing
+
+    def records_elsewhere(self, ctx: SearchContext) -> list[TrialRecord]:
+        """Every evaluation stored in the study, whichever process made it."""
+        try:
+            study = optuna.load_study(study_name=ctx.study_name, storage=open_storage(ctx.storage, None))
+        except KeyError:  # no such study (the search stopped before creating it)
+            return []
+        return [TrialRecord.from_dict(data) for t in study.get_trials(deepcopy=False)
+                if (data := record_of(t)) is not None]
 
     # --- the study ------------------------------------------------------------------------
 

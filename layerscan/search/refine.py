@@ -12,52 +12,20 @@ family become the family again, ``transformer_blocks.1.`` stays a block.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Iterable, Sequence
 
 from layerscan.errors import UserError
 from layerscan.evaluate import TrialRecord
-from layerscan.layers import Group, LayerIndex, family_key, split_block
+from layerscan.layers import Group, LayerIndex, split_pattern
+from layerscan.profiles import split_block
+from layerscan.search.base import SearchContext, Strategy
 
 FINER = {"family": "block", "block": "family"}  # what a group of each granularity splits into
 
 
-def cell_prefix(engine_name: str) -> str | None:
-    """``transformer_blocks.1.img_mlp.net.0.proj`` -> ``transformer_blocks.1.img_mlp``."""
-    parts = split_block(engine_name)
-    if parts is None:
-        return None
-    rest = parts[1].split(".")
-    head = 2 if rest[0] == "attn" and len(rest) > 1 else 1
-    return parts[0] + ".".join(rest[:head])
-
-
-def _pattern_for(index: LayerIndex, base: str, wanted: set[str]) -> str:
-    """The first spelling of ``base`` that selects exactly ``wanted``; else ``base`` itself
-    (the group is then what the engine would skip for it, as for ``LayerIndex.groups``)."""
-    for candidate in (base, f"{base}.", f".{base}", f".{base}."):
-        if {layer.engine_name for layer in index.match(candidate)} == wanted:
-            return candidate
-    return base
-
-
-def _group(index: LayerIndex, pattern: str, granularity: str) -> Group:
-    matched = index.match(pattern)
-    return Group(pattern, granularity, tuple(l.engine_name for l in matched),
-                 sum(l.params for l in matched))
-
-
-def cells(index: LayerIndex, group: Group) -> list[Group]:
-    """The cells of ``group`` in model order (one cell: the group cannot be refined)."""
-    members: dict[str, set[str]] = {}
-    for name in group.layers:
-        members.setdefault(cell_prefix(name) or name, set()).add(name)
-    return [_group(index, _pattern_for(index, base, names), "cell") for base, names in members.items()]
-
-
 def group_for(index: LayerIndex, pattern: str, groups: Sequence[Group]) -> Group:
     """The study's group with this pattern, or the group the pattern selects."""
-    return next((g for g in groups if g.pattern == pattern), None) or _group(index, pattern, "pattern")
+    return next((g for g in groups if g.pattern == pattern), None) or index.group(pattern, "pattern")
 
 
 class Compressor:
@@ -67,13 +35,9 @@ class Compressor:
         self.index = index
         candidates: dict[str, frozenset[str]] = {}
         patterns = [g.pattern for kind in ("family", "block", "module") for g in index.groups(kind)]
-        for layer in index.layers:
-            prefix = cell_prefix(layer.engine_name)
-            if prefix:
-                members = {l.engine_name for l in index.layers if cell_prefix(l.engine_name) == prefix}
-                patterns.append(_pattern_for(index, prefix, members))
+        patterns += index.cell_patterns()
         for pattern in patterns:
-            candidates.setdefault(pattern, frozenset(l.engine_name for l in index.match(pattern)))
+            candidates.setdefault(pattern, frozenset(l.name for l in index.match(pattern)))
         self.candidates = candidates
 
     def __call__(self, layers: Iterable[str]) -> tuple[str, ...]:
@@ -105,7 +69,7 @@ class Compressor:
 
     @staticmethod
     def _block_like(pattern: str) -> bool:
-        parts = split_block(pattern)
+        parts = split_block(split_pattern(pattern)[1])
         return parts is not None and parts[1] == ""
 
 
@@ -116,7 +80,7 @@ class LayerSetEvaluator:
     patterns (the key every strategy uses); any other set under its compressed patterns.
     """
 
-    def __init__(self, ctx, index: LayerIndex) -> None:
+    def __init__(self, ctx: SearchContext, index: LayerIndex) -> None:
         self.ctx = ctx
         self.index = index
         self.compress = Compressor(index)
@@ -129,10 +93,7 @@ class LayerSetEvaluator:
 
     def __call__(self, parts: Iterable[Group], early_stop: bool = False) -> TrialRecord:
         layers = {name for part in parts for name in part.layers}
-        patterns = self.patterns(layers)
-        if early_stop:
-            return self.ctx.evaluate_patterns(patterns, early_stop=True)
-        return self.ctx.evaluate_patterns(patterns)
+        return self.ctx.evaluate_patterns(self.patterns(layers), early_stop=early_stop)
 
 
 def add_then_minimise(
@@ -152,6 +113,8 @@ def add_then_minimise(
     set; when it passes, keeping more in BF16 is taken to pass too and the start set is never
     evaluated on its own (the removal test is needed for a minimal answer anyway).
     """
+    if not order:
+        return None
     kept = list(order[:max(1, first)])
     if lazy and len(kept) > 1 and passes(evaluate(kept[:-1])):
         kept = kept[:-1]
@@ -169,19 +132,13 @@ def add_then_minimise(
     return kept
 
 
-def index_of(ctx) -> LayerIndex:
+def index_of(ctx: SearchContext) -> LayerIndex:
     if ctx.session is None:
         raise UserError("refinement needs the loaded pipeline (SearchContext.session)")
     return ctx.session.loaded.index
 
 
-def answer_of(records: Iterable[TrialRecord], ctx) -> TrialRecord | None:
-    """The passing FP8 configuration with the fewest BF16-kept bytes (as the runner recommends)."""
-    passing = [r for r in records if r.config is not None and ctx.passes(r)]
-    return min(passing, key=lambda r: (r.bf16_kept_bytes, ctx.loss(r), len(r.config)), default=None)
-
-
-def greedy_refine(ctx, answer: Sequence[str]) -> tuple[str, ...]:
+def greedy_refine(ctx: SearchContext, answer: Sequence[str]) -> tuple[str, ...]:
     """Refine ``answer`` one group at a time, by brute force: with the rest of the answer kept,
     each cell of the group alone, ranked by quality, added until the criterion holds, then each
     tried out again.  Returns the refined configuration's patterns."""
@@ -190,7 +147,7 @@ def greedy_refine(ctx, answer: Sequence[str]) -> tuple[str, ...]:
     parts = [group_for(index, p, ctx.groups) for p in answer]
     kept_parts: list[Group] = list(parts)
     for group in parts:
-        pieces = cells(index, group)
+        pieces = index.cells(group)
         if len(pieces) < 2:
             continue
         rest = [p for p in kept_parts if p is not group]
@@ -208,37 +165,32 @@ def greedy_refine(ctx, answer: Sequence[str]) -> tuple[str, ...]:
     return evaluate.patterns({name for p in kept_parts for name in p.layers})
 
 
-class RefinedStrategy:
+class RefinedStrategy(Strategy):
     """Any strategy, then ``greedy_refine`` on the answer it found (``--refine``).
 
-    Attributes other than ``inner`` are the inner strategy's (the runner configures it through
-    the wrapper, e.g. Optuna's sharing).
+    The hooks are the inner strategy's: refinement adds evaluations, not needs.
     """
 
-    def __init__(self, inner: object) -> None:
-        object.__setattr__(self, "inner", inner)
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.shares_study = inner.shares_study
 
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+    def share(self, sharing) -> None:
+        self.inner.share(sharing)
 
-    def __setattr__(self, name: str, value) -> None:
-        setattr(self.inner, name, value)
+    def records_elsewhere(self, ctx: SearchContext) -> list[TrialRecord]:
+        return self.inner.records_elsewhere(ctx)
 
-    def run(self, ctx) -> None:
-        if ctx.groups and ctx.groups[0].granularity not in FINER:
+    def run(self, ctx: SearchContext) -> None:
+        if ctx.groups and all(g.granularity not in FINER for g in ctx.groups):
             ctx.notes.setdefault("refine", "module granularity has nothing finer; not refined")
             self.inner.run(ctx)
             return
-        seen: list[TrialRecord] = []
-        evaluate_patterns = ctx.evaluate_patterns
-
-        def recording(patterns, **kwargs):
-            record = evaluate_patterns(patterns, **kwargs)
-            seen.append(record)
-            return record
-
-        self.inner.run(replace(ctx, evaluate_patterns=recording))
-        answer = answer_of(seen, ctx)
+        mark = len(ctx.ledger.asked)
+        self.inner.run(ctx)
+        seen = {c for c in ctx.ledger.asked[mark:]}
+        answer = ctx.ledger.recommend([r for r in ctx.ledger.records() if r.config in seen])
         if answer is not None and answer.config:
             refined = greedy_refine(ctx, answer.config)
             ctx.notes["refine"] = f"{', '.join(answer.config)} refined to {', '.join(refined)}"

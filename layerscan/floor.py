@@ -1,0 +1,44 @@
+"""The noise floor: how far BF16 lands from itself under numerically equivalent changes.
+
+Diffusion sampling amplifies tiny differences: moving the initial latents by one BF16 ULP, or
+running attention through another (equally correct) kernel, changes the pictures measurably.
+That distance is not FP8's fault, and a criterion stricter than it rejects configurations for
+noise.  The variants (``layerscan.generate.FLOOR_VARIANTS``) are generated with the baseline,
+on the same prompts and seeds; each is scored against the baseline with the run's metrics, and
+the floor of a metric is the worse of the variants, for the mean and for the worst image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layerscan.metrics import METRICS, Scorer, summarize
+
+
+@dataclass
+class NoiseFloor:
+    variants: dict[str, dict]  # variant -> {"mean": {...}, "worst": {...}, "per_prompt": [...]}
+    mean: dict[str, float]  # per metric: the worse of the variants' means
+    worst: dict[str, float]  # per metric: the worse of the variants' worst images
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "worst": self.worst,
+                "variants": {v: {"mean": d["mean"], "worst": d["worst"]} for v, d in self.variants.items()}}
+
+
+def _worse(metric: str, values: list[float]) -> float:
+    return min(values) if METRICS[metric].higher_is_better else max(values)
+
+
+def measure_floor(scorer: Scorer, baseline, prompts: list[str]) -> NoiseFloor:
+    """Score every variant of ``baseline`` against the baseline itself."""
+    variants = {}
+    for name, images in baseline.floor_images.items():
+        per_prompt = [scorer.score_pair(image, reference, prompt)
+                      for image, reference, prompt in zip(images, baseline.images, prompts)]
+        summary = summarize(per_prompt)
+        variants[name] = {"mean": summary.mean, "worst": summary.worst, "per_prompt": per_prompt}
+    metrics = list(scorer.metrics)
+    mean = {m: _worse(m, [v["mean"][m] for v in variants.values()]) for m in metrics} if variants else {}
+    worst = {m: _worse(m, [v["worst"][m] for v in variants.values()]) for m in metrics} if variants else {}
+    return NoiseFloor(variants, mean, worst)

@@ -1,0 +1,324 @@
+"""Record the BF16 denoising trajectory: a few DiT calls with their inputs and outputs, cached."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from layerscan.generate import baseline_key, default_cache_root, generate_image
+
+PROXY_FORMAT = 1
+MAX_SAMPLES = 8  # DiT calls per replay pass, at most
+STEP_IMAGES_PER_SAMPLE = 8  # one sample per this many (step, image) pairs: about 1/16 of an evaluation with CFG
+
+
+# --- sampling plan ---------------------------------------------------------------------------
+
+def sample_plan(steps: int, images: int) -> list[tuple[int, int]]:
+    """(image, step) of every recorded sample, spread over the prompts and over the schedule."""
+    count = min(MAX_SAMPLES, max(1, steps * images // STEP_IMAGES_PER_SAMPLE))
+    return [((k * images) // count, ((2 * k + 1) * steps) // (2 * count)) for k in range(count)]
+
+
+@dataclass
+class Sample:
+    image: int
+    step: int
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor  # the BF16 DiT output for these inputs
+
+
+@dataclass
+class Trajectory:
+    """The recorded samples and what a full evaluation costs in DiT calls."""
+
+    samples: list[Sample]
+    calls_per_image: int
+    images: int
+    steps: int
+    record_calls: int = 0  # DiT calls spent recording outside the BF16 reference row
+
+    @property
+    def full_evaluation_calls(self) -> int:
+        return self.calls_per_image * self.images
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return first_tensor(output[0])
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"cannot find the DiT output tensor in {type(output).__name__}")
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` (a call argument: tensors nested in tuples, lists and dicts) with ``fn`` applied
+    to every tensor."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _copy(obj: Any, memo: dict[int, Any]) -> Any:
+    """Detached CPU copy of a nested call argument; one copy per distinct tensor (memo)."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            memo[id(t)] = (t, t.detach().to("cpu", copy=True))
+        return memo[id(t)][1]
+
+    return map_tensors(obj, copy)
+
+
+class _Recorder:
+    """Hooks that keep the planned DiT calls of a generation run.
+
+    A new image starts at the first DiT call after any other component (text encoder, VAE)
+    ran; each image's calls are buffered until it ends, then the planned steps are kept (the
+    first call of a step: the conditional branch under true CFG).
+    """
+
+    def __init__(self, pipe, transformer: nn.Module, plan: list[tuple[int, int]], steps: int) -> None:
+        self.transformer, self.plan, self.steps = transformer, plan, steps
+        self.others = [m for name, m in getattr(pipe, "components", {}).items()
+                       if isinstance(m, nn.Module) and m is not transformer]
+        self.image = -1
+        self.boundary = True
+        self.buffer: list[list] = []
+        self.memo: dict[int, Any] = {}
+        self.samples: list[Sample] = []
+        self.calls: list[int] = []
+        self.handles: list = []
+
+    def attach(self) -> None:
+        self.handles.append(self.transformer.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self.handles.append(self.transformer.register_forward_hook(self._post))
+        for module in self.others:
+            for sub in (module, *module.children()):
+                self.handles.append(sub.register_forward_pre_hook(self._other))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self._finish_image()
+
+    def _other(self, module, args) -> None:
+        self.boundary = True
+
+    def _pre(self, module, args, kwargs) -> None:
+        if self.boundary:
+            self._finish_image()
+            self.image += 1
+            self.boundary = False
+        self.buffer.append([_copy(args, self.memo), _copy(kwargs, self.memo), None])
+
+    def _post(self, module, args, output) -> None:
+        if self.buffer:
+            self.buffer[-1][2] = first_tensor(output).detach().to("cpu", copy=True)
+
+    def _finish_image(self) -> None:
+        if self.image < 0 or not self.buffer:
+            return
+        calls = len(self.buffer)
+        self.calls.append(calls)
+        for image, step in self.plan:
+            if image == self.image:
+                args, kwargs, output = self.buffer[(step * calls) // self.steps]
+                if output is not None:
+                    self.samples.append(Sample(image, step, args, kwargs, output))
+        self.buffer, self.memo = [], {}
+
+    def trajectory(self, images: int, record_calls: int = 0) -> Trajectory | None:
+        """The trajectory when every planned sample was seen with one call count per image."""
+        if len(self.samples) != len(self.plan) or not self.calls or len(set(self.calls)) != 1:
+            return None
+        return Trajectory(self.samples, self.calls[0], images, self.steps, record_calls)
+
+
+# --- cache -------------------------------------------------------------------------------------
+
+_MEMORY: dict[str, Trajectory] = {}  # this process's trajectories, also those not serializable
+
+
+def _key(loaded, spec) -> str:
+    """The trajectory is the baseline's: keyed by the baseline's key and the sampling plan."""
+    fields = dict(format=PROXY_FORMAT, baseline=baseline_key(loaded, spec),
+                  plan=sample_plan(spec.steps, len(spec.items())))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_dir(loaded, spec) -> Path:
+    return default_cache_root() / "proxy" / _key(loaded, spec)
+
+
+class _Unserializable(Exception):
+    pass
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise _Unserializable("dict with non-string keys")
+        return {"__dict__": {k: _encode(v, tensors) for k, v in obj.items()}}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise _Unserializable(type(obj).__name__)
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in obj["__dict__"].items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def _save(directory: Path, traj: Trajectory) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        samples = [dict(image=s.image, step=s.step, args=_encode(s.args, tensors),
+                        kwargs=_encode(s.kwargs, tensors), output=_encode(s.output, tensors))
+                   for s in traj.samples]
+    except _Unserializable:
+        return  # kept in memory for this process only
+    # Tensors shared between samples (one text embedding per prompt) are stored once.
+    unique: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in list(tensors.items()):
+        first = unique.setdefault(id(tensor), name)
+        if first != name:
+            aliases[name] = first
+            del tensors[name]
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        save_file(tensors, str(tmp / "trajectory.safetensors"))
+        digest = hashlib.sha256((tmp / "trajectory.safetensors").read_bytes()).hexdigest()
+        meta = dict(format=PROXY_FORMAT, calls_per_image=traj.calls_per_image, images=traj.images,
+                    steps=traj.steps, record_calls=traj.record_calls, samples=samples,
+                    aliases=aliases, sha256=digest)
+        (tmp / "trajectory.json").write_text(json.dumps(meta))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    except OSError:
+        pass  # another process won the race, or the cache is read-only: nothing is lost
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(directory: Path) -> Trajectory | None:
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((directory / "trajectory.json").read_text())
+        path = directory / "trajectory.safetensors"
+        if meta["format"] != PROXY_FORMAT or hashlib.sha256(path.read_bytes()).hexdigest() != meta["sha256"]:
+            return None
+        tensors = load_file(str(path))
+        tensors.update({alias: tensors[name] for alias, name in meta["aliases"].items()})
+        samples = [Sample(s["image"], s["step"], _decode(s["args"], tensors),
+                          _decode(s["kwargs"], tensors), _decode(s["output"], tensors))
+                   for s in meta["samples"]]
+        return Trajectory(samples, int(meta["calls_per_image"]), int(meta["images"]),
+                          int(meta["steps"]), int(meta.get("record_calls", 0)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cached_trajectory(loaded, spec) -> Trajectory | None:
+    key = _key(loaded, spec)
+    if key not in _MEMORY:
+        traj = _load(cache_dir(loaded, spec))
+        if traj is not None:
+            _MEMORY[key] = traj
+    return _MEMORY.get(key)
+
+
+@contextlib.contextmanager
+def capture_trajectory(loaded, spec) -> Iterator[None]:
+    """Record the trajectory from the BF16 generation of every image of ``spec`` inside the block
+    (the baseline's, which is generated anyway, so recording costs only the copies).
+
+    A no-op when already cached.  Nothing is kept unless every planned sample was seen.
+    """
+    if cached_trajectory(loaded, spec) is not None:
+        yield
+        return
+    recorder = _Recorder(loaded.pipe, loaded.transformer,
+                         sample_plan(spec.steps, len(spec.items())), spec.steps)
+    recorder.attach()
+    try:
+        yield
+    finally:
+        recorder.detach()
+    _store(loaded, spec, recorder.trajectory(len(spec.items())))
+
+
+def _store(loaded, spec, traj: Trajectory | None) -> None:
+    if traj is not None:
+        _MEMORY[_key(loaded, spec)] = traj
+        _save(cache_dir(loaded, spec), traj)
+
+
+def record_trajectory(session) -> Trajectory:
+    """The trajectory from the cache, or from generating the sampled prompts in BF16 now.
+
+    The generation is counted as proxy cost (``record_calls``).  The engine is left in BF16.
+    """
+    spec = session.spec
+    traj = cached_trajectory(session.loaded, spec)
+    if traj is not None:
+        return traj
+    plan = sample_plan(spec.steps, len(spec.items()))
+    recorder = _Recorder(session.loaded.pipe, session.loaded.transformer, plan, spec.steps)
+    session.engine.apply(None)
+    recorder.attach()
+    try:
+        for index, prompt, seed in spec.items():
+            if any(image == index for image, _ in plan):
+                generate_image(session.loaded, spec, prompt, seed)
+    finally:
+        recorder.detach()
+    images = len(spec.items())
+    generated = len({image for image, _ in plan})
+    traj = recorder.trajectory(images)
+    if traj is None:
+        raise RuntimeError("could not record the DiT calls of the BF16 trajectory")
+    traj.record_calls = traj.calls_per_image * generated
+    _store(session.loaded, spec, traj)
+    return traj

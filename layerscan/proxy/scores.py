@@ -1,0 +1,170 @@
+"""The proxies over a recorded trajectory: layer-local and end-to-end FP8 error of the DiT."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from layerscan.fp8 import fp8_linear, quantize_per_tensor
+from layerscan.layers import MAIN, qualify
+from layerscan.proxy.capture import (
+    PROXY_FORMAT, cache_dir, first_tensor, map_tensors, record_trajectory,
+)
+
+LAYER_LOCAL_CALLS = 2  # a BF16 call plus every quantizable layer once more in FP8
+
+
+# --- the proxies -------------------------------------------------------------------------------
+
+@dataclass
+class ProxyCost:
+    """DiT calls the proxies used, and the wall time of those measured in this process."""
+
+    calls: float = 0.0
+    seconds: float = 0.0
+    cached_calls: float = 0.0  # part of ``calls`` answered from the score cache
+
+    def as_dict(self, full_evaluation_calls: int) -> dict:
+        return dict(calls=self.calls, full_evaluations=self.calls / full_evaluation_calls,
+                    seconds=round(self.seconds, 3), cached_calls=self.cached_calls)
+
+
+def relative_error(error: float, reference: float) -> float:
+    return error / reference if reference > 0 else (0.0 if error == 0 else math.inf)
+
+
+class Proxies:
+    """Layer-local and end-to-end proxies over one session's recorded trajectory.
+
+    Scores are cached next to the trajectory, so a rerun answers them without DiT calls; the
+    cost reported counts every score used, cached or not (``cached_calls`` says which part was
+    not spent now).
+    """
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.trajectory = record_trajectory(session)
+        self.cost = ProxyCost(calls=float(self.trajectory.record_calls))
+        self._scores_path = cache_dir(session.loaded, session.spec) / f"scores-{session.eval_key}.json"
+        self._scores = self._read_scores()
+        self._all_bf16 = [qualify(MAIN, "")]  # the whole DiT
+
+    @property
+    def full_evaluation_calls(self) -> int:
+        return self.trajectory.full_evaluation_calls
+
+    def _read_scores(self) -> dict:
+        try:
+            data = json.loads(self._scores_path.read_text())
+            if data.get("format") == PROXY_FORMAT:
+                return data
+        except (OSError, ValueError):
+            pass
+        return {"format": PROXY_FORMAT, "layer_local": None, "e2e": {}}
+
+    def _write_scores(self) -> None:
+        try:
+            self._scores_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._scores_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._scores))
+            os.replace(tmp, self._scores_path)
+        except OSError:
+            pass
+
+    def _replay(self) -> list[torch.Tensor]:
+        device = self.session.loaded.device
+        transformer = self.session.loaded.transformer
+        outputs = []
+        with torch.inference_mode():
+            for s in self.trajectory.samples:
+                out = transformer(*map_tensors(s.args, lambda t: t.to(device)),
+                                  **map_tensors(s.kwargs, lambda t: t.to(device)))
+                outputs.append(first_tensor(out))
+        return outputs
+
+    def layer_local(self) -> dict[str, float]:
+        """Relative FP8 error of every quantizable layer, engine name -> error."""
+        n = len(self.trajectory.samples)
+        if self._scores["layer_local"] is not None:
+            self.cost.calls += LAYER_LOCAL_CALLS * n
+            self.cost.cached_calls += LAYER_LOCAL_CALLS * n
+            return self._scores["layer_local"]
+        start = time.perf_counter()
+        loaded, scheme = self.session.loaded, self.session.engine.activation_scheme
+        # Every DiT layer in BF16 through the public switch; text encoder and VAE stay as they
+        # are (a DiT replay does not use them, and switching them is slow on large models).
+        self.session.engine.apply(self._all_bf16)
+        modules = dict(loaded.transformer.named_modules())
+        sums: dict[str, list[float]] = {}
+        handles = []
+
+        def hook_for(name: str):
+            acc = sums.setdefault(name, [0.0, 0.0])
+
+            def hook(module, args, output) -> None:
+                weight_fp8 = module.weight_fp8
+                if weight_fp8.numel() != module.weight.numel():  # FP8 copy not resident
+                    weight_fp8 = quantize_per_tensor(module.weight.data, module.weight_scale)[0]
+                y8 = fp8_linear(args[0], weight_fp8, module.weight_scale, module.bias, scheme)
+                ref = output.float()
+                acc[0] += float((y8.float() - ref).pow(2).sum())
+                acc[1] += float(ref.pow(2).sum())
+            return hook
+
+        try:
+            for layer in loaded.index.of(MAIN):  # the replay runs the DiT alone
+                for module_name in layer.modules:
+                    handles.append(modules[module_name].register_forward_hook(hook_for(layer.name)))
+            self._replay()
+        finally:
+            for handle in handles:
+                handle.remove()
+        scores = {name: relative_error(e, r) for name, (e, r) in sums.items()}
+        self._scores["layer_local"] = scores
+        self._write_scores()
+        self.cost.calls += LAYER_LOCAL_CALLS * n
+        self.cost.seconds += time.perf_counter() - start
+        return scores
+
+    def end_to_end(self, kept: Sequence[str]) -> float:
+        """Relative error of the DiT output with ``kept`` in BF16 and every other layer in FP8."""
+        key = "|".join(sorted(kept))
+        n = len(self.trajectory.samples)
+        self.cost.calls += n
+        if key in self._scores["e2e"]:
+            self.cost.cached_calls += n
+            return self._scores["e2e"][key]
+        start = time.perf_counter()
+        self.session.engine.apply(list(kept))
+        error = reference = 0.0
+        for out, s in zip(self._replay(), self.trajectory.samples):
+            ref = s.output.to(out.device).float()
+            error += float((out.float() - ref).pow(2).sum())
+            reference += float(ref.pow(2).sum())
+        value = relative_error(error, reference)
+        self._scores["e2e"][key] = value
+        self._write_scores()
+        self.cost.seconds += time.perf_counter() - start
+        return value
+
+    def score(self, layers: Iterable[str]) -> float:
+        """Layer-local score of a set of layers: the sum of their relative errors."""
+        local = self.layer_local_cached()
+        return math.fsum(local.get(name, 0.0) for name in layers)
+
+    def layer_local_cached(self) -> dict[str, float]:
+        return self._scores["layer_local"] if self._scores["layer_local"] is not None \
+            else self.layer_local()
+
+    def describe_cost(self) -> dict:
+        traj = self.trajectory
+        return dict(samples=len(traj.samples), calls_per_image=traj.calls_per_image,
+                    images=traj.images, steps=traj.steps,
+                    full_evaluation_calls=traj.full_evaluation_calls, record_calls=traj.record_calls,
+                    **self.cost.as_dict(traj.full_evaluation_calls))

@@ -1,0 +1,276 @@
+"""The trial ledger: the one owner of a run's trials.
+
+Every question about a configuration goes through here: is it known (and does its record still
+answer under today's criterion)?  may a new evaluation start (trial budget, deadline)?  record
+it (one fsynced JSON line, so Ctrl-C loses nothing and a rerun resumes), keep its images (so the
+report never generates them again), and what is the answer (the recommendation and the Pareto
+front)?  ``layerscan run`` and ``layerscan worker`` both build one; strategies receive it through
+their ``SearchContext`` and only decide which configurations to ask for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from layerscan.engine import Ignored, describe, normalize
+from layerscan.evaluate import (
+    TrialRecord, evaluate, judge, reference_record, still_decides, stop_when_failure_proven,
+)
+from layerscan.generate import default_cache_root, load_png, save_png
+from layerscan.study import Criterion
+
+STOP_REASONS = ("done", "budget", "timeout", "interrupted")
+
+
+class BudgetExhausted(Exception):
+    """The trial or time budget is spent; the search ends with what it has."""
+
+
+class TrialStore:
+    """Every evaluated configuration, appended to a JSON-lines file the moment it finishes.
+
+    Records made under other evaluation settings (another prompt set, metric, scheme or model)
+    carry another key and are ignored.  A line cut short by a kill is skipped: that evaluation
+    simply runs again.
+    """
+
+    def __init__(self, path: Path, eval_key: str) -> None:
+        self.path = path
+        self.eval_key = eval_key
+        self._records: dict[Ignored, TrialRecord] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    data = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if data.get("eval_key") == eval_key:
+                    record = TrialRecord.from_dict(data["record"])
+                    self._records[record.config] = record
+
+    def get(self, config: Ignored) -> TrialRecord | None:
+        return self._records.get(config)
+
+    def add(self, record: TrialRecord) -> None:
+        self._records[record.config] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"eval_key": self.eval_key, "record": record.to_dict()})
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def records(self) -> list[TrialRecord]:
+        return list(self._records.values())
+
+
+def config_digest(config: Ignored) -> str:
+    """A short, filesystem-safe name for a configuration."""
+    text = "bf16" if config is None else json.dumps(list(config))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class TrialImages:
+    """The images of every evaluation, as PNG under the cache, keyed by evaluation settings.
+
+    The report draws its image grids from here, so no configuration is generated twice in a
+    run.  A stopped evaluation holds only the prompts it generated.
+    """
+
+    def __init__(self, eval_key: str, root: Path | None = None) -> None:
+        self.root = (root or default_cache_root()) / "trials" / eval_key
+
+    def directory(self, config: Ignored) -> Path:
+        return self.root / config_digest(config)
+
+    def load(self, config: Ignored, names: list[str]) -> dict[int, np.ndarray]:
+        """The images on disk for ``config``, by index into ``names``."""
+        directory = self.directory(config)
+        found = {}
+        for index, name in enumerate(names):
+            path = directory / name
+            if path.is_file():
+                try:
+                    found[index] = load_png(path)
+                except OSError:
+                    continue  # a PNG cut short by a kill: generated again if needed
+        return found
+
+    def save(self, config: Ignored, name: str, image: np.ndarray) -> None:
+        directory = self.directory(config)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_png(image, directory / name)
+
+
+def recommend(records: Iterable[TrialRecord], criterion: Criterion) -> TrialRecord | None:
+    """The passing FP8 configuration that keeps the fewest BF16 bytes, then the best quality,
+    then the shortest pattern list."""
+    passing = [r for r in records if r.config is not None and r.passes and r.status == "complete"]
+    return min(passing, key=lambda r: (r.bf16_kept_bytes, criterion.loss(r.mean[criterion.metric]),
+                                       len(r.config)), default=None)
+
+
+def pareto_front(records: Iterable[TrialRecord], criterion: Criterion) -> list[TrialRecord]:
+    """FP8 configurations no other configuration beats on both quality loss and BF16 bytes."""
+    points = [(criterion.loss(r.mean[criterion.metric]), r.bf16_kept_bytes, r) for r in records
+              if r.config is not None and r.status == "complete" and criterion.metric in r.mean]
+    front = [p for p in points if not any(
+        (q[0] <= p[0] and q[1] <= p[1]) and (q[0] < p[0] or q[1] < p[1]) for q in points)]
+    return [p[2] for p in sorted(front, key=lambda p: p[1])]
+
+
+class TrialLedger:
+    """What a run knows, may still do, and concludes.
+
+    ``evaluate`` is the only way a configuration gets evaluated.  ``max_trials`` counts every FP8
+    configuration on record for these settings, so a resumed run continues the same budget;
+    ``deadline`` (``time.monotonic()`` seconds) stops new evaluations after it.
+    """
+
+    def __init__(self, session, out_dir: Path, strategy: str, deadline: float | None = None,
+                 on_record: Callable[[TrialRecord], None] | None = None,
+                 on_start: Callable[[Ignored], None] | None = None) -> None:
+        self.session = session
+        self.criterion = session.criterion  # thresholds resolved against the noise floor
+        self.strategy = strategy
+        self.max_trials = session.study.max_trials
+        self.deadline = deadline
+        self.store = TrialStore(out_dir / "trials.jsonl", session.eval_key)
+        self.images = TrialImages(session.eval_key)
+        self.on_record = on_record
+        self.on_start = on_start
+        self.new_evaluations = 0
+        self.report_generations = 0  # images the report had to generate (never evaluated ones)
+        self.asked: list[Ignored] = []  # every configuration asked for, in order (refinement reads it)
+        self._elsewhere: dict[Ignored, TrialRecord] = {}  # recorded by other workers of a shared study
+        for record in self.store.records():  # measurements are reused; verdicts follow today's criterion
+            self.judge(record)
+        self.reference = reference_record(session)
+
+    # --- knowing and judging ------------------------------------------------------------------
+
+    @property
+    def image_count(self) -> int:
+        return len(self.session.spec.items())
+
+    def judge(self, record: TrialRecord) -> TrialRecord:
+        return judge(record, self.criterion)
+
+    def known(self, config: Ignored, early_stop: bool = False) -> TrialRecord | None:
+        """The record that answers ``config`` now, if any.
+
+        A stopped record answers only a caller that stops early itself, and only while its
+        prompts still prove a failure under today's criterion; else it is measured again.
+        """
+        record = self.store.get(config) or self._elsewhere.get(config)
+        if record is None:
+            return None
+        if record.status != "stopped":
+            return record
+        if early_stop and still_decides(record, self.image_count, self.criterion):
+            return record
+        return None
+
+    def fp8_on_record(self) -> int:
+        return sum(r.config is not None for r in self.store.records())
+
+    def check_allowed(self) -> None:
+        """Raise ``BudgetExhausted`` when no new evaluation may start."""
+        if self.fp8_on_record() >= self.max_trials:
+            raise BudgetExhausted("budget")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise BudgetExhausted("timeout")
+
+    # --- evaluating -----------------------------------------------------------------------------
+
+    def evaluate(self, patterns: Iterable[str] | None, early_stop: bool = False) -> TrialRecord:
+        """The record of FP8 with ``patterns`` kept in BF16: from the ledger, or evaluated now."""
+        config = normalize(patterns)
+        self.asked.append(config)
+        if config is None:
+            return self.reference
+        cached = self.known(config, early_stop)
+        if cached is not None:
+            return cached
+        self.check_allowed()
+        if self.on_start:
+            self.on_start(config)
+        session = self.session
+        total = self.image_count
+        record = evaluate(session.engine, config, session.spec, session.baseline, session.scorer,
+                          self.criterion, image_dir=self.images.directory(config),
+                          stop_rule=stop_when_failure_proven(self.criterion, total)
+                          if early_stop else None)
+        record.strategy = self.strategy
+        self.store.add(record)
+        self.new_evaluations += 1
+        if self.on_record:
+            self.on_record(record)
+        return record
+
+    def add_elsewhere(self, records: Iterable[TrialRecord]) -> None:
+        """Records other workers of a shared study made (local records win)."""
+        for record in records:
+            if self.store.get(record.config) is None:
+                self._elsewhere[record.config] = self.judge(record)
+
+    # --- the answer -----------------------------------------------------------------------------
+
+    def records(self) -> list[TrialRecord]:
+        """The BF16 reference first, then every FP8 configuration known, in the order finished."""
+        fp8 = {**self._elsewhere, **{r.config: r for r in self.store.records()}}
+        fp8.pop(None, None)
+        return [self.reference] + sorted(fp8.values(), key=lambda r: r.finished_at)
+
+    def recommend(self, records: Iterable[TrialRecord] | None = None) -> TrialRecord | None:
+        return recommend(self.records() if records is None else records, self.criterion)
+
+    def pareto(self) -> list[TrialRecord]:
+        return pareto_front(self.records(), self.criterion)
+
+    def best_label(self) -> str:
+        best = self.recommend()
+        return describe(best.config) if best else "none passing yet"
+
+    def cost(self) -> dict:
+        """FP8 configurations on record and their cost in full evaluations (a stopped one counts
+        the prompts it generated, a failed one the prompt it failed on too)."""
+        fp8 = [r for r in self.records() if r.config is not None]
+        total = self.image_count
+        generated = sum(min(total, len(r.per_prompt) + (r.status == "failed")) for r in fp8)
+        return dict(configurations=len(fp8), stopped=sum(r.status == "stopped" for r in fp8),
+                    full_evaluations=generated / total if total else 0.0)
+
+    # --- images ---------------------------------------------------------------------------------
+
+    def images_of(self, config: Ignored, indices: list[int]) -> dict[int, np.ndarray]:
+        """Images of ``config`` at ``indices``: the baseline's for BF16, else those its evaluation
+        kept; indices it never generated (a stopped evaluation) are generated now, once."""
+        if config is None:
+            return {i: self.session.baseline.images[i] for i in indices}
+        spec = self.session.spec
+        names = [spec.image_name(i) for i in range(self.image_count)]
+        found = self.images.load(config, names)
+        missing = [i for i in indices if i not in found]
+        if missing:
+            from layerscan.errors import UserError
+            from layerscan.generate import generate_image
+
+            self.session.engine.apply(config)
+            items = spec.items()
+            try:
+                for i in missing:
+                    _, prompt, seed = items[i]
+                    found[i] = generate_image(self.session.loaded, spec, prompt, seed)
+                    self.images.save(config, names[i], found[i])
+                    self.report_generations += 1
+            except (UserError, RuntimeError):
+                pass  # the configuration cannot produce images: the grid leaves it out
+        return {i: found[i] for i in indices if i in found}
