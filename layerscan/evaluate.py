@@ -170,9 +170,12 @@ def evaluate(
     image_dir: Path | None = None,
     stop_rule: StopRule | None = None,
     on_image: Callable[[], None] | None = None,
+    resume: TrialRecord | None = None,
 ) -> TrialRecord:
     """Evaluate one configuration against the baseline.
 
+    ``resume``: a stopped record of this configuration; its images' scores are kept and only
+    the images after them are generated, so a stopped evaluation is continued, never repeated.
     Pattern errors are the user's (a ``UserError`` propagates); everything the configuration
     itself causes ends in a failed record.
     """
@@ -182,13 +185,15 @@ def evaluate(
                          bf16_kept_bytes=engine.bf16_kept_bytes(config),
                          device=str(loaded.device), residency=engine.residency,
                          execution_mode=execution_mode(loaded))
+    if resume is not None:
+        record.per_prompt = [dict(p) for p in resume.per_prompt]
     if image_dir is not None:
         image_dir.mkdir(parents=True, exist_ok=True)
     seconds = []
     prompts = [prompt for _, prompt, _ in spec.items()]
     _peak_reset(loaded.device)
     try:
-        for index, image, elapsed in iter_images(loaded, spec):
+        for index, image, elapsed in iter_images(loaded, spec, start=len(record.per_prompt)):
             seconds.append(elapsed)
             record.per_prompt.append(scorer.score_pair(image, baseline.images[index], prompts[index]))
             if image_dir is not None:
@@ -207,7 +212,8 @@ def evaluate(
         record.status, record.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     record.peak_memory_bytes = _peak(loaded.device)
     # The median: a configuration's first image may include compilation when compiled.
-    record.seconds_per_image = float(np.median(seconds)) if seconds else None
+    record.seconds_per_image = float(np.median(seconds)) if seconds else (
+        resume.seconds_per_image if resume is not None else None)
     if record.per_prompt and record.status != "failed":
         summarize_record(record)
         if criterion is not None:

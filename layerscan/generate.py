@@ -110,10 +110,11 @@ def generate_image(loaded: LoadedPipeline, spec: GenerationSpec, prompt: str, se
 
 
 def iter_images(
-    loaded: LoadedPipeline, spec: GenerationSpec
+    loaded: LoadedPipeline, spec: GenerationSpec, start: int = 0
 ) -> Iterator[tuple[int, np.ndarray, float]]:
-    """Yield (index, image, seconds) per image so callers can stop early or show progress."""
-    for index, prompt, seed in spec.items():
+    """Yield (index, image, seconds) per image from index ``start`` on, so callers can stop
+    early, resume, or show progress."""
+    for index, prompt, seed in spec.items()[start:]:
         synchronize(loaded.device)
         start = time.perf_counter()
         image = generate_image(loaded, spec, prompt, seed)

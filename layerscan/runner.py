@@ -77,9 +77,11 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
         chosen.share(sharing_for(session, pool))
     stop_reason = "done"
     try:
-        ledger.evaluate(())  # FP8 everywhere, in full: the report's reference for FP8
+        # Early stopping keeps a failing component cheap to attribute; a strategy that needs
+        # more of one of these evaluations continues it rather than starting again.
+        ledger.evaluate((), early_stop=True)
         for config in attribution.values():
-            ledger.evaluate(config)
+            ledger.evaluate(config, early_stop=True)
         chosen.run(ctx)
     except BudgetExhausted as exc:
         stop_reason = str(exc)

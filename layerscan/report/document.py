@@ -16,7 +16,6 @@ import torch
 from layerscan.engine import describe
 from layerscan.evaluate import TrialRecord
 from layerscan.generate import FLOOR_VARIANTS, save_png
-from layerscan.layers import MAIN
 from layerscan.metrics import METRICS
 from layerscan.report.outputs import quantization_configs, serve_flag, trials_frame, write_recommendation
 from layerscan.report.plots import format_bytes, image_grid, pareto_chart, sensitivity_chart
@@ -97,7 +96,7 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     write_recommendation(out_dir / "recommendation.json", study.model, rec, bf16, loaded, {
         "criterion": crit.describe(),
         "noise_floor": session.floor.as_dict() if session.floor else None,
-        "attribution": {c: _summary(ledger.known(config)) for c, config in outcome.attribution.items()},
+        "attribution": {c: _summary(ledger.recorded(config)) for c, config in outcome.attribution.items()},
         "strategy": study.strategy, "granularity": study.granularity,
         "evaluated_configurations": cost["configurations"],
         **{k: v for k, v in cost.items() if k != "configurations"},
@@ -177,7 +176,7 @@ def _verdict(session: Session, record: TrialRecord | None) -> str:
     if record.status == "failed":
         return f"failed ({record.error})"
     if record.status == "stopped":
-        return "fails (stopped early)"
+        return f"fails (proven after {len(record.per_prompt)}/{len(session.spec.items())} images)"
     return "passes" if record.passes else "fails"
 
 
@@ -192,14 +191,14 @@ def _attribution(session: Session, outcome: RunOutcome) -> list[str]:
                      f"{_fmt(session.floor.worst[metric], metric)} | — |")
     rows = []
     for component, config in outcome.attribution.items():
-        record = ledger.known(config)
+        record = ledger.recorded(config)
         rows.append((component, record))
         method = "W8A8" if index.method(component) == "w8a8" else "FP8 weight storage"
         title = session.loaded.profile.component(component).title
         lines.append(f"| {title} (`{component}`) | {method} | "
                      f"{_with_ci(record, metric) if record else '—'} | "
                      f"{_fmt(record.worst.get(metric), metric) if record else '—'} | {_verdict(session, record)} |")
-    fp8_all = ledger.known(())
+    fp8_all = ledger.recorded(())
     if len(rows) > 1 and fp8_all is not None:
         lines.append(f"| all of them | | {_with_ci(fp8_all, metric)} | {_fmt(fp8_all.worst.get(metric), metric)} "
                      f"| {_verdict(session, fp8_all)} |")
@@ -247,7 +246,7 @@ def _comparisons(session: Session, outcome: RunOutcome) -> list[str]:
     metric, ledger = session.criterion.metric, outcome.ledger
     rec = outcome.recommended
     pairs = []
-    fp8_all = ledger.known(())
+    fp8_all = ledger.recorded(())
     if rec is not None and rec.config and fp8_all is not None and fp8_all.status == "complete":
         pairs.append(("the recommendation", rec, "FP8 everywhere", fp8_all))
     floor = session.floor

@@ -61,11 +61,8 @@ def quantization_configs(record: TrialRecord, loaded: LoadedPipeline) -> dict:
         if attr not in kept or kept[attr] is None:
             per_component[attr] = None  # not quantized by this profile, or kept whole in BF16
             continue
-        entry: dict = {"method": METHOD}
-        names = ignored_list(attr, kept[attr], index)
-        if names:
-            entry["ignored_layers"] = names
-        per_component[attr] = entry
+        per_component[attr] = {"method": METHOD,
+                               "ignored_layers": ignored_list(attr, kept[attr], index)}
     flat = _flat_if_equivalent(kept, index)
     needs_per_component = flat is None
     return {"per_component": per_component, "flat": flat,
@@ -97,10 +94,7 @@ def _flat_if_equivalent(kept: dict[str, list[str] | None], index: LayerIndex) ->
         selected = {l.name for l in index.of(component) if _selects(l.engine_name, union, match)}
         if selected != intended[component]:
             return None
-    config: dict = {"method": METHOD}
-    if union:
-        config["ignored_layers"] = sorted(union)
-    return config
+    return {"method": METHOD, "ignored_layers": sorted(union)}
 
 
 def cli_flags(flat: dict | None) -> str | None:

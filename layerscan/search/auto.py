@@ -109,7 +109,7 @@ class AutoStrategy(Strategy):
         a component without a measurement ranks by its proxy alone."""
         rank = {}
         for component, config in self.ctx.notes.get("attribution", {}).items():
-            record = self.ctx.ledger.known(tuple(config))
+            record = self.ctx.ledger.recorded(config)
             if record is not None:
                 rank[component] = -self.ctx.loss(record) if not self.ctx.passes(record) else math.inf
         return rank

@@ -178,6 +178,13 @@ class TrialLedger:
             return record
         return None
 
+    def recorded(self, config: Ignored) -> TrialRecord | None:
+        """Whatever is on record for ``config`` (a stopped record included), for reporting."""
+        config = normalize(config)
+        if config is None:
+            return self.reference
+        return self.store.get(config) or self._elsewhere.get(config)
+
     def fp8_on_record(self) -> int:
         return sum(r.config is not None for r in self.store.records())
 
@@ -199,7 +206,11 @@ class TrialLedger:
         cached = self.known(config, early_stop)
         if cached is not None:
             return cached
-        self.check_allowed()
+        stopped = self.store.get(config)  # a stopped evaluation that no longer answers: continued
+        if stopped is not None and stopped.status != "stopped":
+            stopped = None
+        if stopped is None:
+            self.check_allowed()
         if self.on_start:
             self.on_start(config)
         session = self.session
@@ -207,10 +218,10 @@ class TrialLedger:
         record = evaluate(session.engine, config, session.spec, session.baseline, session.scorer,
                           self.criterion, image_dir=self.images.directory(config),
                           stop_rule=stop_when_failure_proven(self.criterion, total)
-                          if early_stop else None)
+                          if early_stop else None, resume=stopped)
         record.strategy = self.strategy
         self.store.add(record)
-        self.new_evaluations += 1
+        self.new_evaluations += stopped is None
         if self.on_record:
             self.on_record(record)
         return record
