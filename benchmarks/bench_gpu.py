@@ -1,7 +1,9 @@
 """GPU benchmarks of layerscan's FP8 path on the full-size Qwen-Image transformer.
 
-Runs in few device calls and writes one JSON file of raw numbers; ``render_results.py`` turns it
-into the tables of benchmarks/RESULTS.md.  Parts (``--parts``, comma-separated):
+Runs in few device calls and writes one JSON file of raw numbers (``--out``; an existing file is
+updated: parts not run keep their old numbers, while ``env`` describes only the latest call).
+``render_gpu.py`` renders the tables of benchmarks/RESULTS.md from the files kept in
+benchmarks/results/, each table from the file it names.  Parts (``--parts``, comma-separated):
 
   gemm      FP8 vs BF16 GEMM throughput at the DiT's shapes, and the card's ceilings
   step      one DiT step at 1024x1024 (4096 image + 128 text tokens), eager: BF16, FP8 on the six
@@ -39,7 +41,7 @@ from layerscan.layers import LayerIndex, profile_for
 from layerscan.pipeline import LoadedPipeline
 from layerscan.session import compile_transformer
 
-SIX_FAMILIES_KEEP = {"bf16": None, "fp8_all": [], "fp8_keep_img_mlp": ["img_mlp"]}
+from gpu_layout import SIX_FAMILIES_KEEP  # benchmarks/, the script's own directory
 
 
 def timer(fn, device: torch.device, warmup: int = 3, iters: int = 10) -> float:
@@ -74,12 +76,6 @@ def gemm_shapes(hidden: int, tokens_img: int, tokens_txt: int) -> dict[str, tupl
         "txt_mlp up": (tokens_txt, hidden, 4 * hidden, 1),
         "txt_mlp down": (tokens_txt, 4 * hidden, hidden, 1),
     }
-
-
-FAMILY_OF_SHAPE = {"to_q/k/v (img)": "to_qkv", "to_out (img)": "to_out", "img_mlp up": "img_mlp",
-                   "img_mlp down": "img_mlp", "add_q/k/v (txt)": "add_kv_proj",
-                   "to_add_out (txt)": "to_add_out", "txt_mlp up": "txt_mlp",
-                   "txt_mlp down": "txt_mlp"}
 
 
 def bench_gemm(args, device) -> dict:
