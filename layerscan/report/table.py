@@ -47,9 +47,13 @@ def table_row(display_name: str, model_id: str, loaded, record, criterion: str) 
     else:
         kept = kept_by_component(record.config or (), index)
         online = "Yes"
-        patterns = list(record.config or ())
+        # A component kept whole shows in its own column (or in the per-component config), not
+        # as a pattern.
+        patterns = [p for p in record.config or () if not p.endswith(":")]
+        whole = [p[:-1] for p in record.config or () if p.endswith(":")]
         ignored = ", ".join(f"`{p}`" for p in patterns) if patterns else "None"
-        advice = "All layers" if not patterns else f"Keep {ignored} in BF16"
+        kept_text = ", ".join([f"`{p}`" for p in patterns] + [f"the whole {c}" for c in whole])
+        advice = "All layers" if not record.config else f"Keep {kept_text} in BF16"
 
     def fp8(component: str) -> bool:  # quantized by the profile and not kept whole
         return component in quantized and record is not None and kept.get(component, []) is not None
