@@ -125,7 +125,8 @@ class AutoStrategy(Strategy):
         scores = {p.pattern: self.proxies.score(p.layers) for p in parts}
         components = list(dict.fromkeys(p.component for p in parts))
         rank = self._component_rank()
-        components.sort(key=lambda c: (rank.get(c, 0.0), components.index(c)))
+        position_in_profile = {c: i for i, c in enumerate(components)}
+        components.sort(key=lambda c: (rank.get(c, 0.0), position_in_profile[c]))
         order: list[Group] = []
         first = 0
         e2e: dict[str, float] = {}

@@ -221,7 +221,7 @@ class TrialLedger:
                           if early_stop else None, resume=stopped)
         record.strategy = self.strategy
         self.store.add(record)
-        self.new_evaluations += stopped is None
+        self.new_evaluations += 1  # a continued evaluation is work done now too
         if self.on_record:
             self.on_record(record)
         return record
