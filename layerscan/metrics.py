@@ -1,6 +1,7 @@
-"""Score generated images against the BF16 baseline images of the same prompts (and their prompts).
+"""Score generated images or videos against the BF16 baseline of the same prompts (and the prompts).
 
-Four metrics, all computed on the uint8 HxWx3 arrays layerscan writes as PNG:
+All metrics are computed on the uint8 HxWx3 arrays layerscan writes as PNG (videos: TxHxWx3).
+The default four:
 
 * ``lpips`` -- learned perceptual distance (lower is better). Needs the torchvision ImageNet
   backbone checkpoint on disk; it is never downloaded and never replaced by random weights,
@@ -14,6 +15,44 @@ Four metrics, all computed on the uint8 HxWx3 arrays layerscan writes as PNG:
   background its prompt names, else 0; the mean over prompts is prompt-following accuracy.
   Unlike the other three it compares with the prompt, not with the BF16 picture, so BF16
   itself has an accuracy to compare FP8 with.
+
+Optional pixel metrics, never computed unless asked for, with the definitions of vLLM-Omni's
+``vllm_omni/quantization/tools/compare_diffusion_trajectory_similarity.py`` (float64 on the 0-255
+scale, the BF16 picture as the reference) so its recommended thresholds (cosine >= 0.98,
+MAE <= 12, relative L2 <= 0.20) can be applied to layerscan's numbers:
+
+* ``cosine`` -- cosine similarity of the flattened pixel vectors (higher is better). The vectors
+  are uncentred and non-negative, so it sits close to 1 even for clearly different pictures.
+* ``mae`` -- mean absolute pixel difference in grey levels (lower is better).
+* ``rel_l2`` -- ``||reference - image|| / ||reference||`` (lower is better).
+
+Video only (``Scorer.score_video``):
+
+* ``temporal`` -- flicker the candidate has and the baseline had not (lower is better): the mean
+  absolute change of the per-pixel error between consecutive frames, in grey levels. See
+  ``_temporal`` for why this definition.
+
+LPIPS, as vLLM-Omni computes it. vLLM-Omni's FP8 quality gates (``benchmarks/diffusion/
+quantization_quality.py``, reused by its quantization tests, which gate each model at an LPIPS of
+0.15 to 0.35) compute LPIPS with a fixed protocol, and layerscan reproduces it so that its numbers
+can be read against those gates:
+
+* Images: the PIL image is resized to 256x256 with PIL's bilinear filter (torchvision's
+  ``Resize((256, 256))`` on a PIL image calls exactly that; PIL always antialiases, and the aspect
+  ratio is not kept: non-square pictures are squashed), turned into float32 by ``ToTensor``
+  (``/255``) and ``Normalize(0.5, 0.5)`` (``-0.5``, ``/0.5``), giving [-1, 1], and passed as
+  ``loss_fn(baseline, candidate)`` to ``lpips.LPIPS(net=...)`` with its defaults (version 0.1,
+  linear calibration on, spatial average), one pair per call. The resize matters for the value,
+  not only for speed: AlexNet's filters have fixed sizes in pixels, so the same two pictures at
+  1024 px and at 256 px give different distances, and a threshold is only meaningful at the
+  resolution it was chosen at. (layerscan used to score at native resolution and upsample only
+  images below ``LPIPS_MIN_SIDE``; 256 px is above AlexNet's and VGG's minimum, so images no
+  longer need that.)
+* Video frames: every frame, at native resolution (no resize), scaled ``/255*2-1``, one frame pair
+  per call, then the mean over frames. vLLM-Omni feeds float frames straight from the pipeline;
+  layerscan has the uint8 frames it saved, so the two can differ by that rounding (at most half a
+  grey level per pixel). Frames whose shorter side is below ``LPIPS_MIN_SIDE`` (tiny test models;
+  vLLM-Omni would crash on them) are upsampled bilinearly first: the only place that rule remains.
 
 How the ``lpips`` package loads weights (read from lpips 0.1.4, relied on here):
 
@@ -47,8 +86,10 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "LPIPS_IMAGE_SIZE",
     "LPIPS_MIN_SIDE",
     "LPIPS_NETS",
+    "LPIPS_PROTOCOL",
     "METRICS",
     "PSNR_IDENTICAL_DB",
     "LpipsWeightsMissing",
@@ -58,6 +99,7 @@ __all__ = [
     "check_accuracy_prompts",
     "checker_fingerprint",
     "check_lpips_weights",
+    "lpips_image_input",
     "lpips_weights_path",
     "lpips_weights_url",
     "resolve_metrics",
@@ -74,12 +116,23 @@ applying it to every value, not only to exact matches, keeps identical images ra
 than nearly identical ones.
 """
 
+LPIPS_IMAGE_SIZE = (256, 256)
+"""(height, width) every image is resized to before LPIPS, as vLLM-Omni's ``Resize((256, 256))``."""
+
+LPIPS_PROTOCOL = "vllm-omni/v1: images PIL-bilinear 256x256, frames native; [-1,1]; lpips v0.1"
+"""Names the way LPIPS values are computed here; part of what identifies comparable scores.
+
+LPIPS values from before this protocol (native resolution, upsampling only below 32 px) are not
+comparable with these, so anything that caches scores should include this string in its key.
+"""
+
 LPIPS_MIN_SIDE = 32
-"""Smallest image side fed to the LPIPS backbone; smaller pairs are upsampled (bilinear) first.
+"""Smallest video-frame side fed to the LPIPS backbone; smaller frame pairs are upsampled first.
 
 Measured with lpips 0.1.4: AlexNet's pooling stack fails below 31 px, VGG16's below 16 px. 32 px
-works for both, so smaller images (e.g. tiny test models) are scaled up with the same factor for
-image and reference, keeping the aspect ratio, until their shorter side is 32 px.
+works for both, so smaller frames (e.g. from tiny test models) are scaled up bilinearly with the
+same factor for frame and reference, keeping the aspect ratio, until their shorter side is 32 px.
+Images never need it: they are always resized to ``LPIPS_IMAGE_SIZE``.
 """
 
 LPIPS_NETS: dict[str, str] = {"alex": "alexnet", "vgg": "vgg16"}
@@ -104,7 +157,8 @@ class MetricInfo:
     ``higher_is_better`` decides what "worst" means; ``low``/``high`` bound the values it can
     take (a threshold outside them is a mistake, and the better end is the best score a prompt
     could still reach); ``unit`` and ``fmt`` are display hints (``format(value, fmt)`` followed
-    by ``unit``).
+    by ``unit``). ``video_only`` metrics compare frames with each other and have no value for a
+    single image, so only ``Scorer.score_video`` computes them.
     """
 
     name: str
@@ -113,6 +167,7 @@ class MetricInfo:
     high: float
     unit: str = ""
     fmt: str = ".4f"
+    video_only: bool = False
 
     @property
     def best(self) -> float:
@@ -131,6 +186,14 @@ METRICS: dict[str, MetricInfo] = {
     "psnr": MetricInfo("psnr", higher_is_better=True, low=0.0, high=PSNR_IDENTICAL_DB, unit="dB",
                        fmt=".2f"),
     "accuracy": MetricInfo("accuracy", higher_is_better=True, low=0.0, high=1.0, fmt=".3f"),
+    # Optional, vLLM-Omni's trajectory-comparison definitions. Pixel vectors are non-negative, so
+    # their cosine cannot go below 0; relative L2 is unbounded (infinite on a black reference).
+    "cosine": MetricInfo("cosine", higher_is_better=True, low=0.0, high=1.0, fmt=".5f"),
+    "mae": MetricInfo("mae", higher_is_better=False, low=0.0, high=255.0, fmt=".3f"),
+    "rel_l2": MetricInfo("rel_l2", higher_is_better=False, low=0.0, high=math.inf, fmt=".4f"),
+    # Video only: the per-pixel error changes by at most 2 x 255 between two frames.
+    "temporal": MetricInfo("temporal", higher_is_better=False, low=0.0, high=510.0, fmt=".3f",
+                           video_only=True),
 }
 
 
@@ -399,6 +462,33 @@ def _check_pair(image: np.ndarray, reference: np.ndarray) -> None:
         )
 
 
+def _check_videos(video: np.ndarray, reference: np.ndarray, need_pairs: bool) -> None:
+    """Both TxHxWx3 uint8 of one shape; at least one frame, two when a metric compares frames.
+
+    vLLM-Omni scores the first ``min(len(a), len(b))`` frames of videos of different lengths;
+    layerscan generates candidate and baseline with the same settings, so a mismatch is a bug
+    upstream of scoring and is reported instead of being truncated away.
+    """
+    for label, arr in (("video", video), ("reference", reference)):
+        if not isinstance(arr, np.ndarray):
+            raise ValueError(f"{label} must be a numpy array, got {type(arr).__name__}")
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"{label} must be TxHxWx3, got shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            raise ValueError(f"{label} must be uint8 (0..255), got dtype {arr.dtype}")
+    if video.shape != reference.shape:
+        raise ValueError(
+            f"video shape {video.shape} differs from reference shape {reference.shape}; "
+            "videos must be generated with the baseline's frame count and resolution"
+        )
+    frames = video.shape[0]
+    if frames == 0:
+        raise ValueError("got a video of 0 frames")
+    if need_pairs and frames < 2:
+        raise ValueError(f"got a video of {frames} frame; metric 'temporal' compares "
+                         "consecutive frames and needs at least 2")
+
+
 def _psnr(image: np.ndarray, reference: np.ndarray) -> float:
     """skimage PSNR with data_range 255, capped at ``PSNR_IDENTICAL_DB`` (identical -> the cap)."""
     from skimage.metrics import peak_signal_noise_ratio
@@ -429,6 +519,99 @@ def _ssim(image: np.ndarray, reference: np.ndarray) -> float:
             reference, image, channel_axis=-1, data_range=_PSNR_DATA_RANGE, win_size=win
         )
     )
+
+
+def _cosine(image: np.ndarray, reference: np.ndarray) -> float:
+    """Cosine similarity of the flattened float64 0-255 pixel vectors, clamped to [-1, 1].
+
+    vLLM-Omni computes ``F.cosine_similarity`` on the same vectors, which returns 0 when either
+    vector is all zero. That is kept for one black picture against a non-black one, but two
+    identical pictures (black ones included) score 1 here: identical must never look dissimilar.
+    """
+    if np.array_equal(image, reference):
+        return 1.0
+    ref = reference.reshape(-1).astype(np.float64)
+    img = image.reshape(-1).astype(np.float64)
+    norms = float(np.linalg.norm(ref)) * float(np.linalg.norm(img))
+    if norms == 0.0:
+        return 0.0
+    return float(np.clip(np.dot(ref, img) / norms, -1.0, 1.0))
+
+
+def _mae(image: np.ndarray, reference: np.ndarray) -> float:
+    """Mean absolute difference in grey levels (0-255); exact integer sum, then one division."""
+    diff = np.abs(reference.astype(np.int16) - image.astype(np.int16))
+    return int(diff.sum(dtype=np.int64)) / diff.size
+
+
+def _rel_l2(image: np.ndarray, reference: np.ndarray) -> float:
+    """``||reference - image||_2 / ||reference||_2`` on float64 0-255 values, as vLLM-Omni defines
+    it: 0 when both are all black (identical), ``inf`` when only the reference is."""
+    diff_l2 = float(np.linalg.norm((reference.astype(np.float64) - image).reshape(-1)))
+    ref_l2 = float(np.linalg.norm(reference.reshape(-1).astype(np.float64)))
+    if ref_l2 == 0.0:
+        return 0.0 if diff_l2 == 0.0 else math.inf
+    return diff_l2 / ref_l2
+
+
+def _temporal(video: np.ndarray, reference: np.ndarray) -> float:
+    """Flicker relative to the baseline: mean over consecutive frame pairs and pixels of
+    ``|(f[t+1] - f[t]) - (g[t+1] - g[t])|`` in grey levels (f the candidate, g the baseline).
+
+    Written per pixel, that is ``|e[t+1] - e[t]|`` with ``e = f - g`` the error of frame t: how
+    much FP8's error changes from one frame to the next. An error that stays put (a constant
+    colour shift, a consistently softer texture) scores 0 however large it is -- the per-frame
+    metrics already count it -- while an error that comes and goes, i.e. flicker or jitter the
+    BF16 video did not have, scores in proportion to its size. Motion the two videos share
+    cancels out. It is deliberately absolute, in grey levels like ``mae``, not relative to the
+    baseline's own frame-to-frame change: that change is zero on still shots, where a ratio is
+    undefined, and a ratio would forgive the same flicker more in busy scenes than in calm ones,
+    where it is more visible.
+    """
+    error_prev = video[0].astype(np.int16) - reference[0].astype(np.int16)
+    per_pair: list[float] = []
+    for t in range(1, video.shape[0]):
+        error = video[t].astype(np.int16) - reference[t].astype(np.int16)
+        change = np.abs(error - error_prev)  # |e| <= 255, so |change| <= 510 fits int16
+        per_pair.append(int(change.sum(dtype=np.int64)) / change.size)
+        error_prev = error
+    return math.fsum(per_pair) / len(per_pair)
+
+
+_PIXEL_METRICS = {"ssim": _ssim, "psnr": _psnr, "cosine": _cosine, "mae": _mae,
+                  "rel_l2": _rel_l2}
+"""Metrics computed from one image (or frame) pair alone, the same way for images and frames."""
+
+
+def lpips_image_input(image: np.ndarray) -> torch.Tensor:
+    """An HxWx3 uint8 image as vLLM-Omni hands it to LPIPS: 1x3x256x256 float32 in [-1, 1].
+
+    Step for step what ``transforms.Compose([Resize((256, 256)), ToTensor(), Normalize(0.5,
+    0.5)])`` does to a PIL RGB image (as read in torchvision 0.29: the resize is skipped when
+    the image already has that size, where PIL would return an identical copy anyway), written
+    out so the protocol is visible here and checked against torchvision by the tests. The
+    resize happens on uint8 pixels, as in PIL, before any conversion to float; torchvision's
+    operation order (``/255``, ``-0.5``, ``/0.5``) is kept, though for the 256 uint8 levels it
+    gives the same float32 values as ``x/127.5 - 1``.
+    """
+    import torch
+    from PIL import Image
+
+    height, width = LPIPS_IMAGE_SIZE
+    picture = Image.fromarray(np.ascontiguousarray(image))  # HxWx3 uint8 -> mode "RGB"
+    if picture.size != (width, height):
+        picture = picture.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.array(picture, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    tensor = pixels.to(torch.float32).div(255)
+    return tensor.sub(0.5).div(0.5).unsqueeze(0)
+
+
+def _lpips_frame_input(frame: np.ndarray) -> torch.Tensor:
+    """An HxWx3 uint8 video frame as vLLM-Omni scales frames: ``[0, 1] * 2 - 1`` at native size."""
+    import torch
+
+    pixels = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).unsqueeze(0)
+    return pixels.float().div(255) * 2 - 1
 
 
 def check_accuracy_prompts(prompts: Sequence[str]) -> None:
@@ -464,12 +647,15 @@ def _prompt_accuracy(image: np.ndarray, prompt: str | None) -> float:
 
 
 class Scorer:
-    """Scores images against references with a fixed set of metrics.
+    """Scores images (``score_pair``/``score``) or videos (``score_video``/``score_videos``)
+    against references with a fixed set of metrics.
 
     LPIPS is built eagerly in ``__init__`` so a missing or broken backbone checkpoint fails
-    before any (expensive) generation, never later in a search. Images whose shorter side is
-    below ``LPIPS_MIN_SIDE`` are upsampled bilinearly (same size for both images) before LPIPS
-    only; SSIM and PSNR always see the original pixels.
+    before any (expensive) generation, never later in a search. LPIPS follows vLLM-Omni (see the
+    module docstring): images are resized to ``LPIPS_IMAGE_SIZE``, video frames are scored at
+    native size (upsampled only below ``LPIPS_MIN_SIDE``); all other metrics always see the
+    original pixels. Video-only metrics (``temporal``) may be among ``metrics``; scoring an image
+    pair with them is an error.
     """
 
     def __init__(
@@ -493,51 +679,99 @@ class Scorer:
         """The loaded LPIPS module (``None`` when LPIPS is not among the metrics)."""
         return self._lpips
 
-    def _lpips_distance(self, image: np.ndarray, reference: np.ndarray) -> float:
+    def _lpips_call(self, reference: torch.Tensor, image: torch.Tensor) -> float:
+        """One ``loss_fn(baseline, candidate)`` call, batch 1, as vLLM-Omni makes it."""
         import torch
-        import torch.nn.functional as F
 
         assert self._lpips is not None
-        pair = np.stack([image, reference])  # 2xHxWx3 uint8
-        x = torch.from_numpy(pair).to(self.device).permute(0, 3, 1, 2).float()
-        x = x / 127.5 - 1.0  # LPIPS expects [-1, 1]
-        h, w = x.shape[-2:]
+        with torch.inference_mode():
+            distance = self._lpips(reference.to(self.device), image.to(self.device))
+        return float(distance.reshape(-1)[0].item())
+
+    def _lpips_distance(self, image: np.ndarray, reference: np.ndarray) -> float:
+        """Image LPIPS: both pictures resized to 256x256 the way vLLM-Omni's benchmark does."""
+        return self._lpips_call(lpips_image_input(reference), lpips_image_input(image))
+
+    def _lpips_frame_distance(self, frame: np.ndarray, reference: np.ndarray) -> float:
+        """Video-frame LPIPS at native size; frames below ``LPIPS_MIN_SIDE`` are upsampled."""
+        import torch.nn.functional as F
+
+        ref, img = _lpips_frame_input(reference), _lpips_frame_input(frame)
+        h, w = ref.shape[-2:]
         if min(h, w) < LPIPS_MIN_SIDE:
             scale = LPIPS_MIN_SIDE / min(h, w)
             size = (max(LPIPS_MIN_SIDE, round(h * scale)), max(LPIPS_MIN_SIDE, round(w * scale)))
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        with torch.inference_mode():
-            distance = self._lpips(x[0:1], x[1:2])
-        return float(distance.reshape(-1)[0].item())
+            ref, img = (F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                        for x in (ref, img))
+        return self._lpips_call(ref, img)
+
+    def _frame_metric(self, name: str, image: np.ndarray, reference: np.ndarray,
+                      prompt: str | None, *, frame: bool) -> float:
+        """One per-image metric of one image or video-frame pair."""
+        if name == "lpips":
+            return (self._lpips_frame_distance(image, reference) if frame
+                    else self._lpips_distance(image, reference))
+        if name == "accuracy":
+            return _prompt_accuracy(image, prompt)
+        return _PIXEL_METRICS[name](image, reference)
 
     def score_pair(self, image: np.ndarray, reference: np.ndarray,
                    prompt: str | None = None) -> dict[str, float]:
         """Score one generated image against its baseline (and, for ``accuracy``, its prompt);
         keys in the order of ``metrics``."""
         _check_pair(image, reference)
+        video_only = [name for name in self.metrics if METRICS[name].video_only]
+        if video_only:
+            raise ValueError(f"metric(s) {video_only} compare video frames; an image has none: "
+                             "score videos with score_video, or drop them for images")
+        return {name: self._frame_metric(name, image, reference, prompt, frame=False)
+                for name in self.metrics}
+
+    def score_video(self, video: np.ndarray, reference: np.ndarray,
+                    prompt: str | None = None) -> dict[str, float]:
+        """Score a TxHxWx3 uint8 video against its baseline video; keys in the order of ``metrics``.
+
+        Every per-image metric is computed on each frame pair and averaged over all frames, as
+        vLLM-Omni does for LPIPS (LPIPS on frames uses the frame protocol: native size, see
+        the module docstring; ``accuracy`` is then the fraction of frames that show the prompt).
+        ``temporal`` compares consecutive frames and needs at least two.
+        """
+        _check_videos(video, reference, need_pairs="temporal" in self.metrics)
         scores: dict[str, float] = {}
         for name in self.metrics:
-            if name == "lpips":
-                scores[name] = self._lpips_distance(image, reference)
-            elif name == "ssim":
-                scores[name] = _ssim(image, reference)
-            elif name == "accuracy":
-                scores[name] = _prompt_accuracy(image, prompt)
-            else:
-                scores[name] = _psnr(image, reference)
+            if name == "temporal":
+                scores[name] = _temporal(video, reference)
+                continue
+            per_frame = [self._frame_metric(name, frame, ref, prompt, frame=True)
+                         for frame, ref in zip(video, reference)]
+            scores[name] = math.fsum(per_frame) / len(per_frame)
         return scores
+
+    @staticmethod
+    def _check_counts(n_items: int, n_refs: int, prompts: Sequence[str] | None,
+                      kind: str) -> list[str | None]:
+        if n_items != n_refs or (prompts is not None and len(prompts) != n_items):
+            raise ValueError(
+                f"got {n_items} {kind} but {n_refs} references"
+                f"{'' if prompts is None else f' and {len(prompts)} prompts'}; "
+                f"need one baseline (and prompt) per generated {kind.rstrip('s')}"
+            )
+        return list(prompts) if prompts is not None else [None] * n_items
 
     def score(
         self, images: Sequence[np.ndarray], references: Sequence[np.ndarray],
         prompts: Sequence[str] | None = None,
     ) -> MetricSummary:
         """Score prompt i's image against reference i for every i, then summarize."""
-        if len(images) != len(references) or (prompts is not None and len(prompts) != len(images)):
-            raise ValueError(
-                f"got {len(images)} images but {len(references)} references"
-                f"{'' if prompts is None else f' and {len(prompts)} prompts'}; "
-                "need one baseline image (and prompt) per generated image"
-            )
-        prompts = list(prompts) if prompts is not None else [None] * len(images)
+        prompt_list = self._check_counts(len(images), len(references), prompts, "images")
         return summarize([self.score_pair(img, ref, prompt)
-                          for img, ref, prompt in zip(images, references, prompts)])
+                          for img, ref, prompt in zip(images, references, prompt_list)])
+
+    def score_videos(
+        self, videos: Sequence[np.ndarray], references: Sequence[np.ndarray],
+        prompts: Sequence[str] | None = None,
+    ) -> MetricSummary:
+        """Score prompt i's video against reference video i for every i, then summarize."""
+        prompt_list = self._check_counts(len(videos), len(references), prompts, "videos")
+        return summarize([self.score_video(vid, ref, prompt)
+                          for vid, ref, prompt in zip(videos, references, prompt_list)])

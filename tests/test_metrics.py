@@ -4,32 +4,42 @@ No LPIPS ImageNet weights exist offline, so the LPIPS tests write a *randomly in
 torchvision AlexNet checkpoint into a temporary TORCH_HOME. That exercises the real loading path
 (file on disk -> torch.load -> LPIPS backbone); the backbone-equality test proves the file, not
 a fresh random init, ended up in the model. Every test sets TORCH_HOME so a user's real cache
-never leaks in.
+never leaks in. The same file also serves the vLLM-Omni parity tests: a plain
+``lpips.LPIPS(net="alex")`` (what vLLM-Omni builds) finds it in torchvision's cache and loads it
+instead of downloading, so both sides run with identical weights.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from pathlib import Path
 
 import lpips
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageDraw
+from torchvision import transforms
 
 from layerscan.errors import UserError
 from layerscan.metrics import (
+    LPIPS_MIN_SIDE,
     METRICS,
     PSNR_IDENTICAL_DB,
     LpipsWeightsMissing,
     MetricSummary,
     Scorer,
     check_lpips_weights,
+    lpips_image_input,
     lpips_weights_path,
     resolve_metrics,
     summarize,
 )
+from layerscan.study import Study
 
 ALEX_FILE = Path(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url).name
 VGG_FILE = Path(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url).name
@@ -129,7 +139,8 @@ def test_psnr_never_exceeds_cap() -> None:
 
 @pytest.mark.parametrize("shape", [(8, 8), (4, 5), (3, 40), (31, 200)])
 def test_tiny_images_are_scored(scorer: Scorer, shape: tuple[int, int]) -> None:
-    """Below AlexNet's 31 px minimum LPIPS upsamples; SSIM shrinks its window."""
+    """Images below AlexNet's 31 px minimum still get an LPIPS (every image is resized to
+    256x256 first, as vLLM-Omni does); SSIM shrinks its window."""
     ref = _image(4, *shape)
     same = scorer.score_pair(ref, ref.copy())
     assert same["lpips"] == pytest.approx(0.0, abs=1e-6)
@@ -308,3 +319,289 @@ def test_lpips_only_scorer(scorer: Scorer) -> None:
     assert scores["lpips"] > 0
     # Same checkpoint file -> same model -> same distance as the shared scorer.
     assert scores["lpips"] == pytest.approx(scorer.score_pair(noisy, img)["lpips"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- vLLM-Omni parity
+
+
+def _no_download(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a test tried to download weights")
+
+
+@pytest.fixture(scope="module")
+def upstream_lpips(alex_home: Path) -> torch.nn.Module:
+    """``lpips.LPIPS(net="alex")`` built the way vLLM-Omni's benchmark builds it (library defaults:
+    ImageNet trunk via torchvision, v0.1 linear layers), its trunk read from ``alex_home``."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(alex_home))
+    mp.setattr(torch.hub, "download_url_to_file", _no_download)
+    try:
+        with warnings.catch_warnings():  # torchvision deprecates lpips's pretrained=True
+            warnings.simplefilter("ignore", UserWarning)
+            return lpips.LPIPS(net="alex", verbose=False).eval()
+    finally:
+        mp.undo()
+
+
+def _upstream_image_lpips(model: torch.nn.Module, baseline: Image.Image,
+                          candidate: Image.Image) -> float:
+    """The image LPIPS protocol of vLLM-Omni's quantization_quality benchmark, on PIL images:
+    torchvision Resize((256, 256)) + ToTensor + Normalize(0.5, 0.5), then
+    model(baseline, candidate)."""
+    to_input = transforms.Compose([
+        transforms.Resize((256, 256)),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+    ])
+    with torch.no_grad():
+        return model(to_input(baseline.convert("RGB")).unsqueeze(0),
+                     to_input(candidate.convert("RGB")).unsqueeze(0)).item()
+
+
+def _upstream_frame_lpips(model: torch.nn.Module, baseline: np.ndarray,
+                          candidate: np.ndarray) -> list[float]:
+    """vLLM-Omni's video LPIPS per frame: float [0, 1] HxWx3 frames -> [-1, 1], native size."""
+    scores = []
+    for bl, qt in zip(baseline, candidate):
+        as_input = [torch.from_numpy(f).permute(2, 0, 1).unsqueeze(0).float() * 2 - 1
+                    for f in (bl, qt)]
+        with torch.no_grad():
+            scores.append(model(*as_input).item())
+    return scores
+
+
+def _scene(width: int, height: int, jitter: int = 0, tint: int = 0, noise: float = 0.0,
+           seed: int = 0) -> Image.Image:
+    """A drawn picture (gradient sky, sun, house, tree, fence); ``jitter``/``tint``/``noise``
+    make the small shifts, colour changes and grain that FP8 introduces."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    sky = np.stack([90 + 100 * yy / height, 140 + 60 * xx / width, 230 - 80 * yy / height], -1)
+    picture = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    w, h, j = width, height, jitter
+
+    def box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
+        return [x0 * w + j, y0 * h + j, x1 * w + j, y1 * h + j]
+
+    draw.ellipse(box(0.70, 0.08, 0.88, 0.08 + 0.18 * w / h), fill=(250, 210 + tint, 60))
+    draw.rectangle(box(0.15, 0.45, 0.55, 0.85), fill=(180 + tint, 70, 50), outline=(40, 20, 10))
+    draw.polygon([(0.10 * w + j, 0.45 * h), (0.35 * w, 0.20 * h + j), (0.60 * w, 0.45 * h)],
+                 fill=(110, 40 + tint, 30))
+    draw.rectangle(box(0.30, 0.62, 0.40, 0.85), fill=(60, 40, 20 + tint))
+    draw.ellipse(box(0.65, 0.40, 0.90, 0.70), fill=(30, 120 + tint, 40))
+    draw.rectangle([0, int(0.85 * h), w, h], fill=(70 + tint, 150, 60))
+    for x in range(0, w, max(2, w // 12)):
+        draw.line([(x + j, 0.78 * h), (x + j, 0.92 * h)], fill=(230, 230, 230),
+                  width=max(1, w // 100))
+    pixels = np.asarray(picture).astype(np.float64)
+    if noise:
+        pixels += np.random.default_rng(seed).normal(0, noise, pixels.shape)
+    return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+
+
+# (width, height): square, wide, the 256x256 size (no resize), odd and tall, a
+# large 16:9 picture, and one below AlexNet's minimum (the resize to 256 makes it scorable).
+PARITY_SIZES = [(64, 64), (300, 200), (256, 256), (97, 513), (1024, 576), (20, 12)]
+
+
+@pytest.mark.parametrize("size", PARITY_SIZES, ids=[f"{w}x{h}" for w, h in PARITY_SIZES])
+def test_image_lpips_equals_vllm_omni(scorer: Scorer, upstream_lpips: torch.nn.Module,
+                                      size: tuple[int, int]) -> None:
+    """Same picture pair -> the same LPIPS as vLLM-Omni's benchmark prints (bit-identical on
+    CPU; asserted to 1e-6 relative, a float32 ulp or so)."""
+    width, height = size
+    baseline = _scene(width, height)
+    candidates = [_scene(width, height, jitter=1, tint=6, noise=3.0, seed=1),
+                  _scene(width, height, jitter=3, tint=-15, noise=8.0, seed=2)]
+    ref = np.asarray(baseline)
+    to_input = transforms.Compose([transforms.Resize((256, 256)), transforms.ToTensor(),
+                                   transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    assert torch.equal(lpips_image_input(ref), to_input(baseline).unsqueeze(0))
+
+    ours = [scorer.score_pair(np.asarray(c), ref)["lpips"] for c in candidates]
+    theirs = [_upstream_image_lpips(upstream_lpips, baseline, c) for c in candidates]
+    assert ours == pytest.approx(theirs, rel=1e-6, abs=0)
+    assert 0 < ours[0] < ours[1]  # the larger perturbation is the larger distance
+
+
+def test_square_resize_squashes_aspect_ratio() -> None:
+    """Non-square pictures are squashed to 256x256, not cropped or padded (as upstream)."""
+    wide = np.asarray(_scene(300, 100))
+    tensor = lpips_image_input(wide)
+    assert tensor.shape == (1, 3, 256, 256) and tensor.dtype == torch.float32
+    expected = np.asarray(Image.fromarray(wide).resize((256, 256), Image.Resampling.BILINEAR))
+    back = torch.round((tensor[0].permute(1, 2, 0) * 0.5 + 0.5) * 255).to(torch.uint8).numpy()
+    assert np.array_equal(back, expected)
+    assert -1.0 <= float(tensor.min()) and float(tensor.max()) <= 1.0
+
+
+# ----------------------------------------------------------------------------- videos
+
+
+def _video(frames: int, height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
+    """A scene panning right one pixel per frame, values kept within 40..215 so that offsets
+    of a few grey levels never clip."""
+    wide = np.asarray(_scene(width + frames, height, noise=2.0, seed=seed)).astype(np.int16)
+    clip = np.stack([wide[:, t:t + width] for t in range(frames)])
+    return (40 + clip * 175 // 255).astype(np.uint8)
+
+
+def test_video_lpips_equals_vllm_omni(scorer: Scorer, upstream_lpips: torch.nn.Module) -> None:
+    """Per-frame LPIPS at native size, [-1, 1], mean over frames: vLLM-Omni's compute_lpips_video.
+
+    vLLM-Omni gets float [0, 1] frames from the pipeline; given the uint8 frames layerscan saves,
+    their float version is ``u8 / 255`` in float32, which both sides then see identically."""
+    reference = _video(4)
+    noise = np.random.default_rng(3).integers(-6, 7, reference.shape)
+    video = np.clip(reference.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    as_float = [v.astype(np.float32) / np.float32(255) for v in (reference, video)]
+    theirs = _upstream_frame_lpips(upstream_lpips, *as_float)
+    per_frame = [scorer.score_video(video[t:t + 1], reference[t:t + 1])["lpips"] for t in range(4)]
+    assert per_frame == pytest.approx(theirs, rel=1e-6, abs=0)
+    scores = scorer.score_video(video, reference)
+    assert scores["lpips"] == pytest.approx(float(np.mean(theirs)), rel=1e-12)
+    # Frames are not resized: the same frame scored as an image (resized to 256) differs.
+    as_image = scorer.score_pair(video[0], reference[0])["lpips"]
+    assert as_image != pytest.approx(per_frame[0], rel=1e-3)
+
+
+def test_video_metrics_are_per_frame_means(scorer: Scorer) -> None:
+    reference = _video(5)
+    rng = np.random.default_rng(4)
+    video = np.clip(reference.astype(np.int16) + rng.integers(-10, 11, reference.shape),
+                    0, 255).astype(np.uint8)
+    full = Scorer(("ssim", "psnr", "cosine", "mae", "rel_l2", "temporal"))
+    scores = full.score_video(video, reference)
+    assert list(scores) == ["ssim", "psnr", "cosine", "mae", "rel_l2", "temporal"]
+    for name in ("ssim", "psnr", "cosine", "mae", "rel_l2"):
+        frames = [Scorer((name,)).score_pair(f, r)[name] for f, r in zip(video, reference)]
+        assert scores[name] == pytest.approx(np.mean(frames), rel=1e-12), name
+    assert scores["temporal"] > 0
+
+
+def test_identical_videos_score_perfectly(scorer: Scorer) -> None:
+    reference = _video(3)
+    everything = Scorer([name for name in METRICS if name != "accuracy"])  # lpips via alex_home
+    scores = everything.score_video(reference.copy(), reference)
+    for name, value in scores.items():
+        assert value == pytest.approx(METRICS[name].best, abs=1e-6), name
+
+
+def test_temporal_punishes_flicker_not_a_constant_offset() -> None:
+    """Same per-frame error size (MAE 10) either way; only flicker changes from frame to frame."""
+    reference = _video(6)
+    offset = reference + np.uint8(10)
+    signs = np.array([1 if t % 2 == 0 else -1 for t in range(6)], np.int16)[:, None, None, None]
+    flicker = (reference.astype(np.int16) + 10 * signs).astype(np.uint8)
+    scorer = Scorer(("mae", "temporal"))
+    s_offset = scorer.score_video(offset, reference)
+    s_flicker = scorer.score_video(flicker, reference)
+    assert s_offset["mae"] == s_flicker["mae"] == 10.0
+    assert s_offset["temporal"] == 0.0
+    assert s_flicker["temporal"] == 20.0  # the error jumps from +10 to -10 and back
+    assert METRICS["temporal"].higher_is_better is False  # so the flicker scores worse
+
+    # Flicker on a single frame pair: e[3] - e[2] = 4 on a quarter of the pixels, and back.
+    blip = reference.copy()
+    blip[3, :24, :32] += 4
+    assert scorer.score_video(blip, reference)["temporal"] == pytest.approx(4 * 0.25 * 2 / 5)
+
+
+def test_tiny_video_frames_are_upsampled(scorer: Scorer) -> None:
+    """Frames below LPIPS_MIN_SIDE are scaled up (vLLM-Omni would fail on them); larger ones not."""
+    reference = _video(2, height=12, width=20)
+    assert min(reference.shape[1:3]) < LPIPS_MIN_SIDE
+    assert scorer.score_video(reference.copy(), reference)["lpips"] == pytest.approx(0, abs=1e-6)
+    different = scorer.score_video(255 - reference, reference)
+    assert different["lpips"] > 0 and all(math.isfinite(v) for v in different.values())
+
+
+def test_video_input_errors() -> None:
+    scorer = Scorer(("psnr", "temporal"))
+    one_frame = _video(1)
+    with pytest.raises(ValueError, match="at least 2"):
+        scorer.score_video(one_frame, one_frame)
+    assert Scorer(("psnr",)).score_video(one_frame, one_frame)["psnr"] == PSNR_IDENTICAL_DB
+    with pytest.raises(ValueError, match="frame count and resolution"):
+        scorer.score_video(_video(3), _video(4))
+    with pytest.raises(ValueError, match="TxHxWx3"):
+        scorer.score_video(one_frame[0], one_frame[0])
+    with pytest.raises(ValueError, match="score_video"):
+        scorer.score_pair(one_frame[0], one_frame[0])
+
+
+def test_score_videos_summarizes() -> None:
+    scorer = Scorer(("mae", "temporal"))
+    refs = [_video(3, seed=1), _video(3, seed=2)]
+    vids = [refs[0] + np.uint8(2), refs[1].copy()]
+    summary = scorer.score_videos(vids, refs)
+    assert summary.per_prompt == [{"mae": 2.0, "temporal": 0.0}, {"mae": 0.0, "temporal": 0.0}]
+    assert summary.mean["mae"] == 1.0 and summary.worst["mae"] == 2.0
+    with pytest.raises(ValueError, match="2 videos but 1 references"):
+        scorer.score_videos(vids, refs[:1])
+
+
+# ----------------------------------------------------------------------------- optional metrics
+
+
+def _pixel(*rgb: int) -> np.ndarray:
+    return np.array([[rgb]], np.uint8)  # a 1x1 RGB image
+
+
+def test_optional_metrics_known_values() -> None:
+    scorer = Scorer(("cosine", "mae", "rel_l2"))
+    # ref (3, 0, 0), image (3, 4, 0): cos = 9 / (3 * 5), |diff| = 4 on one of 3 values.
+    scores = scorer.score_pair(_pixel(3, 4, 0), _pixel(3, 0, 0))
+    assert scores == pytest.approx({"cosine": 0.6, "mae": 4 / 3, "rel_l2": 4 / 3}, rel=1e-12)
+    # Orthogonal colours; the relative L2 is sqrt(2) when both have the same norm.
+    scores = scorer.score_pair(_pixel(0, 200, 0), _pixel(200, 0, 0))
+    expected = {"cosine": 0.0, "mae": 400 / 3, "rel_l2": math.sqrt(2)}
+    assert scores == pytest.approx(expected, abs=1e-12)
+    # A brighter copy (x2) points the same way: cosine 1, but relative L2 1 and MAE 100/3.
+    scores = scorer.score_pair(_pixel(100, 60, 40), _pixel(50, 30, 20))
+    assert scores == pytest.approx({"cosine": 1.0, "mae": 100 / 3, "rel_l2": 1.0}, rel=1e-12)
+    # Uniform offset of 3 grey levels on a bigger image: MAE exactly 3.
+    ref = np.full((16, 16, 3), 100, np.uint8)
+    assert scorer.score_pair(ref + np.uint8(3), ref)["mae"] == 3.0
+
+
+def test_optional_metrics_edge_cases() -> None:
+    scorer = Scorer(("cosine", "mae", "rel_l2"))
+    black = np.zeros((4, 4, 3), np.uint8)
+    assert scorer.score_pair(black, black.copy()) == {"cosine": 1.0, "mae": 0.0, "rel_l2": 0.0}
+    grey = np.full((4, 4, 3), 10, np.uint8)
+    # A black reference has no norm: relative L2 is infinite, cosine 0 (as F.cosine_similarity).
+    assert scorer.score_pair(grey, black) == {"cosine": 0.0, "mae": 10.0, "rel_l2": math.inf}
+    assert scorer.score_pair(black, grey) == {"cosine": 0.0, "mae": 10.0, "rel_l2": 1.0}
+
+
+def test_optional_metrics_match_vllm_omni_definitions() -> None:
+    """The trajectory-comparison tool's formulas (float64 torch, reference first), on drawn
+    pictures."""
+    ref = np.asarray(_scene(120, 80))
+    img = np.asarray(_scene(120, 80, jitter=2, tint=9, noise=5.0, seed=5))
+    lhs, rhs = torch.tensor(ref).double(), torch.tensor(img).double()
+    diff = lhs - rhs
+    expected = {
+        "cosine": float(F.cosine_similarity(lhs.reshape(-1), rhs.reshape(-1), dim=0).clamp(-1, 1)),
+        "mae": float(diff.abs().mean()),
+        "rel_l2": float(torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(lhs)),
+    }
+    scores = Scorer(("cosine", "mae", "rel_l2")).score_pair(img, ref)
+    assert scores == pytest.approx(expected, rel=1e-12)
+
+
+def test_optional_metric_info() -> None:
+    cosine, mae, rel_l2, temporal = (METRICS[m] for m in ("cosine", "mae", "rel_l2", "temporal"))
+    assert cosine.higher_is_better and (cosine.low, cosine.high) == (0, 1)
+    assert not mae.higher_is_better and (mae.low, mae.high) == (0, 255)
+    assert not rel_l2.higher_is_better and (rel_l2.low, rel_l2.high) == (0, math.inf)
+    assert not temporal.higher_is_better and (temporal.low, temporal.high) == (0, 510)
+    assert [m for m, info in METRICS.items() if info.video_only] == ["temporal"]
+    scorer_default = inspect.signature(Scorer).parameters["metrics"].default
+    for name in ("cosine", "mae", "rel_l2", "temporal"):
+        assert METRICS[name].best == (METRICS[name].high if METRICS[name].higher_is_better else 0.0)
+        assert name not in scorer_default and name not in Study().metrics  # opt-in only
+    assert METRICS["mae"].format(3.14159) == "3.142"
+    optional = ["cosine", "mae", "rel_l2", "temporal"]
+    assert resolve_metrics(",".join(optional), "alex", allow_missing_lpips=False) == optional
