@@ -16,7 +16,7 @@ from layerscan.generate import (
     FLOOR_VARIANTS, Baseline, GenerationSpec, baseline_key, baseline_lock, load_or_build_baseline,
     read_prompts,
 )
-from layerscan.metrics import Scorer, check_accuracy_prompts, checker_fingerprint, resolve_metrics
+from layerscan.metrics import LPIPS_PROTOCOL, Scorer, check_accuracy_prompts, checker_fingerprint, resolve_metrics
 from layerscan.pipeline import LoadedPipeline, load_pipeline, local_model_dir
 from layerscan.proxy.capture import capture_trajectory
 from layerscan.study import Criterion, Study
@@ -57,6 +57,8 @@ class Session:
                       lpips_net=self.study.lpips_net, activation=self.study.activation_scheme,
                       profile=profile.name, scheme=profile.scheme,
                       components=[(c.attr, c.method) for c in profile.components])
+        if "lpips" in self.metrics:  # how images reach the LPIPS network changes its numbers
+            fields["lpips_protocol"] = LPIPS_PROTOCOL
         if "accuracy" in self.metrics:  # a changed checker scores the same pictures differently
             fields["checker"] = checker_fingerprint()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
