@@ -16,7 +16,9 @@ from layerscan.errors import UserError
 from layerscan.layers import GRANULARITIES, TEXT_ENCODER_GRANULARITIES
 from layerscan.metrics import METRICS
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+# The shipped studies: the top-level studies/ in a checkout (layerscan/studies links to it), the
+# package data of the same name in an installed wheel.
+STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 LOWER_IS_BETTER = {name: not info.higher_is_better for name, info in METRICS.items()}
 
 
