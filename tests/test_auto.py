@@ -2,7 +2,7 @@
 
 Two planted tiny Qwen-Image models: a massive activation in ``img_mlp`` of every block (the
 family is sensitive), and in ``img_mlp`` of block 1 only, with its branch gain raised until that
-block alone fails the criterion (FP8 everywhere ~32 dB against 37 dB asked).  Auto is compared
+block alone fails the criterion (FP8 everywhere ~32 dB against 45 dB asked).  Auto is compared
 with greedy under the same settings: family granularity, block granularity, and family with
 ``--refine`` (greedy then refines by brute force).  Plus the safe early-stopping rule, pattern
 compression, the trajectory replay (Qwen-Image and Flux) and the proxy cache.
@@ -35,7 +35,10 @@ from layerscan.study import Criterion, Study, build_study, load_study
 
 # The planted answers live in the DiT; these tests compare strategies on the DiT's six families
 # (the text encoder joins the search in tests/test_components.py).
-CRITERION = ["--criterion-metric", "psnr", "--criterion-mean", "37", "--criterion-worst", "35",
+# FP8 everywhere on the planted models lands near 35 dB, keeping the planted layers in BF16 near
+# the BF16 noise floor (~52 dB): 45 / 40 dB separates them, and one image below 40 dB proves a
+# failure early.
+CRITERION = ["--criterion-metric", "psnr", "--criterion-mean", "45", "--criterion-worst", "40",
              "--components", "transformer"]
 PSNR = Criterion("psnr", 37.0, 35.0)
 IMG_MLP = [f"transformer_blocks.{i}.img_mlp.{leaf}" for i in range(4) for leaf in ("net.0.proj", "net.2")]
@@ -147,7 +150,7 @@ def prompts(tmp_path_factory) -> Path:
 def _session(model: Path | str, prompts: Path, study: str = "tiny-qwen-image", **criterion):
     values = load_study(study)
     values.update(model=str(model), prompts=str(prompts))
-    values.update(criterion or dict(criterion_metric="psnr", criterion_mean=37.0, criterion_worst=35.0))
+    values.update(criterion or dict(criterion_metric="psnr", criterion_mean=45.0, criterion_worst=40.0))
     values.setdefault("components", ["transformer"])
     return open_session(build_study(values), "cpu", warn=lambda m: None)
 

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from layerscan.generate import baseline_key, default_cache_root, generate_image
 
-PROXY_FORMAT = 1
+PROXY_FORMAT = 2  # 2: text-encoder calls recorded too
 MAX_SAMPLES = 8  # DiT calls per replay pass, at most
 STEP_IMAGES_PER_SAMPLE = 8  # one sample per this many (step, image) pairs: about 1/16 of an evaluation with CFG
 
@@ -48,6 +48,9 @@ class Trajectory:
     images: int
     steps: int
     record_calls: int = 0  # DiT calls spent recording outside the BF16 reference row
+    # The text encoder's first calls (positional and keyword inputs): it runs once per prompt,
+    # so replaying them is cheap next to any DiT call.
+    text_calls: list[tuple[tuple, dict]] = field(default_factory=list)
 
     @property
     def full_evaluation_calls(self) -> int:
@@ -101,6 +104,8 @@ class _Recorder:
         self.transformer, self.plan, self.steps = transformer, plan, steps
         self.others = [m for name, m in getattr(pipe, "components", {}).items()
                        if isinstance(m, nn.Module) and m is not transformer]
+        self.text_encoder = getattr(pipe, "text_encoder", None)
+        self.text_calls: list[tuple[tuple, dict]] = []
         self.image = -1
         self.boundary = True
         self.buffer: list[list] = []
@@ -115,6 +120,8 @@ class _Recorder:
         for module in self.others:
             for sub in (module, *module.children()):
                 self.handles.append(sub.register_forward_pre_hook(self._other))
+        if isinstance(self.text_encoder, nn.Module):
+            self.handles.append(self.text_encoder.register_forward_pre_hook(self._text, with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -124,6 +131,11 @@ class _Recorder:
 
     def _other(self, module, args) -> None:
         self.boundary = True
+
+    def _text(self, module, args, kwargs) -> None:
+        if len(self.text_calls) < MAX_SAMPLES:
+            memo: dict[int, Any] = {}
+            self.text_calls.append((_copy(args, memo), _copy(kwargs, memo)))
 
     def _pre(self, module, args, kwargs) -> None:
         if self.boundary:
@@ -152,7 +164,8 @@ class _Recorder:
         """The trajectory when every planned sample was seen with one call count per image."""
         if len(self.samples) != len(self.plan) or not self.calls or len(set(self.calls)) != 1:
             return None
-        return Trajectory(self.samples, self.calls[0], images, self.steps, record_calls)
+        return Trajectory(self.samples, self.calls[0], images, self.steps, record_calls,
+                          self.text_calls)
 
 
 # --- cache -------------------------------------------------------------------------------------
@@ -213,6 +226,7 @@ def _save(directory: Path, traj: Trajectory) -> None:
         samples = [dict(image=s.image, step=s.step, args=_encode(s.args, tensors),
                         kwargs=_encode(s.kwargs, tensors), output=_encode(s.output, tensors))
                    for s in traj.samples]
+        text_calls = [[_encode(a, tensors), _encode(k, tensors)] for a, k in traj.text_calls]
     except _Unserializable:
         return  # kept in memory for this process only
     # Tensors shared between samples (one text embedding per prompt) are stored once.
@@ -230,7 +244,7 @@ def _save(directory: Path, traj: Trajectory) -> None:
         digest = hashlib.sha256((tmp / "trajectory.safetensors").read_bytes()).hexdigest()
         meta = dict(format=PROXY_FORMAT, calls_per_image=traj.calls_per_image, images=traj.images,
                     steps=traj.steps, record_calls=traj.record_calls, samples=samples,
-                    aliases=aliases, sha256=digest)
+                    text_calls=text_calls, aliases=aliases, sha256=digest)
         (tmp / "trajectory.json").write_text(json.dumps(meta))
         if directory.exists():
             shutil.rmtree(directory)
@@ -254,8 +268,9 @@ def _load(directory: Path) -> Trajectory | None:
         samples = [Sample(s["image"], s["step"], _decode(s["args"], tensors),
                           _decode(s["kwargs"], tensors), _decode(s["output"], tensors))
                    for s in meta["samples"]]
+        text_calls = [(_decode(a, tensors), _decode(k, tensors)) for a, k in meta["text_calls"]]
         return Trajectory(samples, int(meta["calls_per_image"]), int(meta["images"]),
-                          int(meta["steps"]), int(meta.get("record_calls", 0)))
+                          int(meta["steps"]), int(meta.get("record_calls", 0)), text_calls)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

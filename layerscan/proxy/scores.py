@@ -13,6 +13,7 @@ import torch
 
 from layerscan.fp8 import fp8_linear, quantize_per_tensor
 from layerscan.layers import MAIN, qualify
+from layerscan.profiles import W8A8
 from layerscan.proxy.capture import (
     PROXY_FORMAT, cache_dir, first_tensor, map_tensors, record_trajectory,
 )
@@ -53,7 +54,6 @@ class Proxies:
         self.cost = ProxyCost(calls=float(self.trajectory.record_calls))
         self._scores_path = cache_dir(session.loaded, session.spec) / f"scores-{session.eval_key}.json"
         self._scores = self._read_scores()
-        self._all_bf16 = [qualify(MAIN, "")]  # the whole DiT
 
     @property
     def full_evaluation_calls(self) -> int:
@@ -89,18 +89,44 @@ class Proxies:
         return outputs
 
     def layer_local(self) -> dict[str, float]:
-        """Relative FP8 error of every quantizable layer, engine name -> error."""
+        """Relative FP8 error of every quantizable W8A8 layer, qualified name -> error.
+
+        DiT layers from replaying the recorded DiT calls, text-encoder layers from replaying
+        the recorded text-encoder calls; each on its own BF16 input, all at once.  The two are
+        not on one scale (their errors reach the picture through different paths): strategies
+        compare scores within a component.
+        """
         n = len(self.trajectory.samples)
         if self._scores["layer_local"] is not None:
             self.cost.calls += LAYER_LOCAL_CALLS * n
             self.cost.cached_calls += LAYER_LOCAL_CALLS * n
             return self._scores["layer_local"]
         start = time.perf_counter()
+        loaded = self.session.loaded
+        # Everything in BF16 through the public switch: each layer sees its BF16 input.
+        self.session.engine.apply([qualify(c, "") for c in loaded.index.components])
+        scores = self._measure(MAIN, self._replay)
+        if "text_encoder" in loaded.index.components and loaded.index.method("text_encoder") == W8A8 \
+                and self.trajectory.text_calls:
+            scores.update(self._measure("text_encoder", self._replay_text_encoder))
+        self._scores["layer_local"] = scores
+        self._write_scores()
+        self.cost.calls += LAYER_LOCAL_CALLS * n
+        self.cost.seconds += time.perf_counter() - start
+        return scores
+
+    def _replay_text_encoder(self) -> None:
+        device = self.session.loaded.device
+        text_encoder = self.session.loaded.components["text_encoder"]
+        with torch.inference_mode():
+            for args, kwargs in self.trajectory.text_calls:
+                text_encoder(*map_tensors(args, lambda t: t.to(device)),
+                             **map_tensors(kwargs, lambda t: t.to(device)))
+
+    def _measure(self, component: str, replay) -> dict[str, float]:
+        """Layer-local errors of one component's layers while ``replay`` runs it in BF16."""
         loaded, scheme = self.session.loaded, self.session.engine.activation_scheme
-        # Every DiT layer in BF16 through the public switch; text encoder and VAE stay as they
-        # are (a DiT replay does not use them, and switching them is slow on large models).
-        self.session.engine.apply(self._all_bf16)
-        modules = dict(loaded.transformer.named_modules())
+        modules = dict(loaded.components[component].named_modules())
         sums: dict[str, list[float]] = {}
         handles = []
 
@@ -118,19 +144,14 @@ class Proxies:
             return hook
 
         try:
-            for layer in loaded.index.of(MAIN):  # the replay runs the DiT alone
+            for layer in loaded.index.of(component):
                 for module_name in layer.modules:
                     handles.append(modules[module_name].register_forward_hook(hook_for(layer.name)))
-            self._replay()
+            replay()
         finally:
             for handle in handles:
                 handle.remove()
-        scores = {name: relative_error(e, r) for name, (e, r) in sums.items()}
-        self._scores["layer_local"] = scores
-        self._write_scores()
-        self.cost.calls += LAYER_LOCAL_CALLS * n
-        self.cost.seconds += time.perf_counter() - start
-        return scores
+        return {name: relative_error(e, r) for name, (e, r) in sums.items()}
 
     def end_to_end(self, kept: Sequence[str]) -> float:
         """Relative error of the DiT output with ``kept`` in BF16 and every other layer in FP8."""
