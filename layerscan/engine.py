@@ -92,6 +92,11 @@ class Fp8Engine:
             return "both"
         fp8_copies = sum(s.weight.numel() for shards in self._layers.values() for s in shards)
         free, total = torch.cuda.mem_get_info(device)
+        # A process capped below the card (torch.cuda.set_per_process_memory_fraction) can use
+        # only its share, whatever the card has free.
+        fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+        total = min(total, int(fraction * total))
+        free = min(free, total - torch.cuda.memory_reserved(device))
         return "both" if fp8_copies < free - _HEADROOM_FRACTION * total else "requantize"
 
     def apply(self, ignored: Sequence[str] | None) -> Ignored:

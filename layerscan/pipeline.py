@@ -176,9 +176,17 @@ def load_pipeline(
     pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+    return wrap_pipeline(pipe, model, path, fingerprint_dir(path), device, dtype, profile, scheme,
+                         components, match)
+
+
+def wrap_pipeline(pipe, model: str, path: Path, fingerprint: str, device: torch.device,
+                  dtype: torch.dtype, profile: str | None = None, scheme: str = "vllm-omni",
+                  components: tuple[str, ...] | None = None, match: str | None = None) -> LoadedPipeline:
+    """A pipeline already on ``device`` with its profile and layer index."""
     present = {a: getattr(pipe, a) for a in COMPONENT_ATTRS
                if isinstance(getattr(pipe, a, None), nn.Module)}
     chosen = make_profile(type(pipe.transformer).__name__, profile, scheme, components, match,
                           present=tuple(present))
-    return LoadedPipeline(pipe, model, path, fingerprint_dir(path), device, dtype, chosen,
+    return LoadedPipeline(pipe, model, path, fingerprint, device, dtype, chosen,
                           LayerIndex.discover(present, chosen))

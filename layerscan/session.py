@@ -71,10 +71,16 @@ def open_session(
     trust_remote_code: bool = False,
     allow_missing_lpips: bool = False,
     warn=print,
+    loaded: LoadedPipeline | None = None,
 ) -> Session:
     """Validate inputs cheaply first (model reference, prompts, metrics), then load, quantize,
-    generate (or load) the BF16 baseline with its noise-floor variants and measure the floor."""
-    local_model_dir(study.model)
+    generate (or load) the BF16 baseline with its noise-floor variants and measure the floor.
+
+    ``loaded``: a pipeline already in memory (benchmarks build full-size ones from configs
+    with random weights, which never touch a disk); ``study.model`` then only names it.
+    """
+    if loaded is None:
+        local_model_dir(study.model)
     prompts = read_prompts(study.prompts)
     metrics = resolve_metrics(study.metrics, study.lpips_net, allow_missing_lpips)
     if len(metrics) < len(study.metrics):
@@ -87,9 +93,10 @@ def open_session(
                         "here; choose another with --criterion-metric (e.g. --criterion-metric psnr)")
     spec = GenerationSpec(prompts, tuple(study.seeds), study.steps, study.height, study.width,
                           study.guidance, study.image, tuple(sorted(study.pipeline_kwargs.items())))
-    loaded = load_pipeline(study.model, device, trust_remote_code=trust_remote_code,
-                           revision=study.revision, profile=study.profile, scheme=study.scheme,
-                           components=study.components, match=study.layer_match)
+    if loaded is None:
+        loaded = load_pipeline(study.model, device, trust_remote_code=trust_remote_code,
+                               revision=study.revision, profile=study.profile, scheme=study.scheme,
+                               components=study.components, match=study.layer_match)
     scorer = Scorer(metrics, study.lpips_net, str(loaded.device))
     engine = Fp8Engine(loaded, study.activation_scheme)
     if engine.residency == "requantize":

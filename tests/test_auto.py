@@ -255,7 +255,7 @@ def test_stopped_records_are_reused_only_while_they_prove_failure(family_session
     _, _, _, outcome = _run(family_session, out, "auto")
     assert outcome.new_evaluations == 0
     loose = dataclasses.replace(family_session.study, criterion=Criterion("psnr", 30.0, 25.0))
-    loose_session = dataclasses.replace(family_session, study=loose)
+    loose_session = dataclasses.replace(family_session, study=loose, criterion=loose.criterion)
     # Under a looser criterion the partial record decides nothing: FP8 everywhere is continued
     # from where it stopped, passes, and nothing is kept.
     answer, _, _, outcome = _run(loose_session, out, "auto")

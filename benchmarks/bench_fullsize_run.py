@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""A full-size Qwen-Image pipeline through `layerscan run`, end to end, on one GPU.
+
+    python benchmarks/bench_fullsize_run.py --mode eager    --out results/fullsize_eager.json
+    python benchmarks/bench_fullsize_run.py --mode compiled --out results/fullsize_compiled.json
+    python benchmarks/bench_fullsize_run.py --mode eager --cap-gb 80 --out results/fullsize_cap80.json
+
+The pipeline is built from configs with random weights directly in GPU memory (no download, no
+disk): diffusers' default ``QwenImageTransformer2DModel`` (the 20.4 B DiT), a text encoder of
+Qwen2.5-VL-7B's shape, the default ``AutoencoderKLQwenImage`` and layerscan's offline Qwen
+tokenizer.  Random weights are right for time and memory, never for quality: the criterion here
+(PSNR mean >= 60 dB, worst >= 0) is one no configuration meets and none can be proven to miss
+early, so every evaluation runs in full and the search runs until its trial budget.
+
+Recorded: the phases of the run (model build, BF16 baseline with its noise-floor variants, each
+evaluation, report), seconds per image of BF16 and of every FP8 configuration (median; the
+first image of a configuration includes compilation when compiled), peak GPU memory, and the
+share of wall time spent outside image generation.  ``--cap-gb`` caps this process's GPU memory
+(``torch.cuda.set_per_process_memory_fraction``) so the BF16 and FP8 copies of the quantized
+layers do not fit side by side and the requantize residency runs at full size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROMPTS = ("a red fox in fresh snow, morning light, photograph",
+           "a street sign that reads OPEN 24 HOURS, neon, night",
+           "a bowl of ramen on a wooden table, steam, closeup")
+
+
+def build_pipeline(device: torch.device):
+    """Full-size Qwen-Image with random BF16 weights, created on ``device`` directly."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from layerscan import tiny
+
+    tokenizer = tiny._qwen_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # 20 B parameters would not fit in float32 first
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            transformer = QwenImageTransformer2DModel()
+            config = Qwen2_5_VLConfig(
+                text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                 max_position_embeddings=128000,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                  "mrope_section": [16, 24, 24]},
+                                 bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                                 pad_token_id=tokenizer.pad_token_id),
+                vision_config=dict(out_hidden_size=3584),
+                image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+            text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+            vae = AutoencoderKLQwenImage()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=math.log(3), max_shift=math.log(3),
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+        time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("eager", "compiled"), default="eager")
+    p.add_argument("--cap-gb", type=float, default=None, help="cap this process's GPU memory")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=3, help="images per configuration (>= 3: the "
+                   "median then leaves out a first image that includes compilation)")
+    p.add_argument("--max-trials", type=int, default=4, help="FP8 configurations to evaluate")
+    p.add_argument("--strategy", default="greedy")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    from layerscan.pipeline import wrap_pipeline
+    from layerscan.report.document import write_report
+    from layerscan.runner import run_study
+    from layerscan.session import open_session
+    from layerscan.study import build_study
+
+    device = torch.device("cuda")
+    if args.cap_gb:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total, device)
+    work = Path(tempfile.mkdtemp(prefix="layerscan-fullsize-"))
+    prompts = work / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:args.prompts]) + "\n")
+    phases: dict[str, float] = {}
+    wall = time.perf_counter()
+    start = time.perf_counter()
+    pipe = build_pipeline(device)
+    torch.cuda.synchronize()
+    phases["build"] = time.perf_counter() - start
+    params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("transformer", "text_encoder", "vae")}
+
+    generation = {"seconds": 0.0, "images": 0}
+    call = type(pipe).__call__
+
+    def timed(self, *a, **kw):  # every image generated, whatever generates it
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        try:
+            return call(self, *a, **kw)
+        finally:
+            torch.cuda.synchronize()
+            generation["seconds"] += time.perf_counter() - t
+            generation["images"] += 1
+
+    type(pipe).__call__ = timed
+    study = build_study(dict(
+        model="fullsize-qwen-image", name="Qwen-Image (full size, random weights)",
+        prompts=str(prompts), seeds=[0], steps=args.steps, height=args.size, width=args.size,
+        guidance=4.0, metrics=["ssim", "psnr"], criterion_metric="psnr", criterion_mean=60.0,
+        criterion_worst=0.0, strategy=args.strategy, max_trials=args.max_trials,
+        compile=args.mode == "compiled"))
+    loaded = wrap_pipeline(pipe, study.model, work, "random-seed-0", device, torch.bfloat16)
+    start = time.perf_counter()
+    session = open_session(study, str(device), cache_root=work / "cache", loaded=loaded,
+                           warn=lambda m: print(m, file=sys.stderr))
+    torch.cuda.synchronize()
+    phases["baseline_and_floor"] = time.perf_counter() - start
+    evaluations: list[dict] = []
+    start = time.perf_counter()
+    outcome = run_study(session, work / "report", study.strategy)
+    torch.cuda.synchronize()
+    phases["search"] = time.perf_counter() - start
+    start = time.perf_counter()
+    write_report(session, outcome, work / "report")
+    phases["report"] = time.perf_counter() - start
+    wall = time.perf_counter() - wall
+    for r in outcome.records:
+        evaluations.append(dict(config=None if r.config is None else list(r.config), label=r.label,
+                                status=r.status, images=len(r.per_prompt),
+                                seconds_per_image=r.seconds_per_image,
+                                peak_memory_bytes=r.peak_memory_bytes, mode=r.execution_mode,
+                                psnr_mean=r.mean.get("psnr")))
+    bf16 = outcome.ledger.reference.seconds_per_image
+    fp8_all = next((r.seconds_per_image for r in outcome.records if r.config == ()), None)
+    result = dict(
+        command=" ".join(["python", "benchmarks/bench_fullsize_run.py", *(argv or sys.argv[1:])]),
+        device=torch.cuda.get_device_name(device), torch=torch.__version__, python=platform.python_version(),
+        mode=args.mode, cap_gb=args.cap_gb, residency=session.engine.residency, size=args.size,
+        steps=args.steps, images_per_configuration=args.prompts, parameters=params,
+        phases_s={k: round(v, 2) for k, v in phases.items()}, wall_s=round(wall, 2),
+        generation_s=round(generation["seconds"], 2), images_generated=generation["images"],
+        non_generation_share=round(1 - generation["seconds"] / wall, 4),
+        peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)),
+        bf16_seconds_per_image=bf16, fp8_all_seconds_per_image=fp8_all,
+        fp8_all_speedup=(bf16 / fp8_all) if bf16 and fp8_all else None,
+        new_evaluations=outcome.new_evaluations, report_generated_images=outcome.ledger.report_generations,
+        stop_reason=outcome.stop_reason, evaluations=evaluations)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "evaluations"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
