@@ -7,9 +7,11 @@ code path that loads by directory, walks modules or swaps Linears for FP8 runs u
 sizes shrink. Tokenizers are trained here, in memory, on a fixed word list, using the tokenizer
 class each pipeline expects, so ``save_pretrained``/``from_pretrained`` round-trips exactly.
 
-Random weights give meaningless pictures, so :func:`plant_massive_activation` adds the one property
-of real checkpoints that FP8 studies care about: an activation outlier that per-tensor FP8 scaling
-cannot represent, while BF16 output stays (nearly) unchanged.
+Random weights give meaningless pictures, so the ``plant_*`` functions add the one property of real
+checkpoints that FP8 studies care about: an activation outlier that FP8 activation scaling cannot
+represent, while BF16 output stays (nearly) unchanged. :func:`plant_massive_activation` does it in
+Qwen-Image's DiT, :func:`plant_wan_activation` in one expert of Wan 2.2, and
+:func:`plant_text_encoder_activation` in one decoder layer of a Qwen-style text encoder.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from layerscan.errors import UserError
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline, WanTransformer3DModel
     from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 __all__ = [
@@ -38,7 +40,10 @@ __all__ = [
     "TinyArchitecture",
     "build_tiny_pipeline",
     "plant_massive_activation",
+    "plant_text_encoder_activation",
+    "plant_wan_activation",
     "save_planted",
+    "save_planted_text_encoder",
     "tiny_pipeline_dir",
 ]
 
@@ -159,6 +164,39 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
         vocab.setdefault(token, len(vocab))
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIALS], special_tokens=True)
+    return tok
+
+
+# Qwen3's chat template reduced to plain-text turns (no tools, no reasoning history): exactly the
+# text the real template renders for ZImagePipeline's call, a user turn plus the generation prompt.
+# With ``enable_thinking=False`` Qwen3 pre-fills an empty think block, and so does this.
+_QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def _qwen3_tokenizer() -> Qwen2Tokenizer:
+    """The Qwen tokenizer as Qwen3 ships it: same ``Qwen2Tokenizer`` class and chat specials, plus
+    the ``<think>``/``</think>`` tokens and a chat template, because ZImagePipeline formats every
+    prompt with ``apply_chat_template(..., enable_thinking=True)``.
+
+    Built on :func:`_qwen_tokenizer` rather than changing it: the Qwen-Image tokenizer's files are
+    part of the tiny Qwen-Image pipeline and the shipped demo, and must not move.
+    """
+    from tokenizers import AddedToken
+
+    tok = _qwen_tokenizer()
+    # Qwen3 registers the think tags as added tokens that are not special: decoding keeps them.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    tok.chat_template = _QWEN3_CHAT_TEMPLATE
     return tok
 
 
@@ -374,6 +412,159 @@ def _build_flux(seed: int) -> DiffusionPipeline:
     )
 
 
+def _build_z_image(seed: int) -> DiffusionPipeline:
+    """ZImagePipeline: single-stream DiT of width 48 (2 heads x 24) with 2 main ``layers`` and one
+    ``noise_refiner`` and one ``context_refiner`` block; Qwen3 text encoder with 4 decoder layers.
+
+    Width 48 because the FFN is ``int(dim / 3 * 8)`` wide: 48 gives 128, while 64 would give 170,
+    and every Linear dim must be a multiple of 16 for FP8 GEMMs. The pipeline reads the text
+    encoder's ``hidden_states[-2]``, so its last decoder layer never reaches the DiT, as in Z-Image;
+    four layers leave three that matter. VAE with 16 latent channels like Z-Image's (FLUX's) and 4x
+    compression: 32 px -> 8x8 latents -> 4x4 patches of 2x2 -> 16 image tokens.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = _qwen3_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    latent_channels = 16
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=latent_channels,
+        dim=48,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=_TEXT_DIM,
+        axes_dims=[8, 8, 8],  # frame, height, width; sums to the head dim, each even for complex RoPE
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),  # the pipeline's vae_scale_factor is 2 ** (len(this) - 1)
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=16,
+        sample_size=32,
+        # Z-Image's VAE has 0.3611 / 0.1159; with random weights that only pushes more pixels
+        # into clipping, where FP8 differences stop being visible.
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=_TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=2048,
+            # At Qwen3's 0.02 a width-32 MLP adds ~1/30 of the residual stream, so no FP8 error in
+            # it can ever matter; at 0.1 attention and MLP branches are as large as the stream, as
+            # in a trained model, and a damaged layer shows in the embeddings.
+            initializer_range=0.1,
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    # Z-Image-Turbo's schedule: a fixed shift, no resolution-dependent one (the pipeline's ``mu``
+    # is ignored when dynamic shifting is off).
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    _to_bf16(transformer, vae, text_encoder)
+    return ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+def _wan_expert_model() -> WanTransformer3DModel:
+    """One Wan 2.2 A14B expert shrunk to width 64 (4 heads x 16), FFN 128, text width 32."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=16,  # RoPE splits it 8 / 4 / 4 over frame, height, width
+        in_channels=16,
+        out_channels=16,
+        text_dim=_TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=128,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+    )
+
+
+def _build_wan22(seed: int) -> DiffusionPipeline:
+    """WanPipeline in the Wan2.2-T2V-A14B layout: a high-noise expert (``transformer``) for
+    timesteps at or above ``boundary_ratio * 1000`` and a low-noise expert (``transformer_2``)
+    below, each 2 blocks wide 64; UMT5 text encoder; Wan VAE with 4x temporal and 8x spatial
+    compression: 5 frames of 32 px -> 2 latent frames of 4x4 -> 8 tokens.
+
+    The two experts share the seed's random stream but not their weights, like the real pair (the
+    low-noise expert is a separate fine-tune). UniPC in flow mode is the scheduler class the
+    Diffusers port uses; ``flow_shift`` 3 puts the boundary (t = 875) in the middle of a 4-step
+    schedule (t = 999, 900 | 750, 500), so both experts run in every short test generation.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer, transformer_2 = _wan_expert_model(), _wan_expert_model()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8,  # 16 quadruples the decode time (0.9 s vs 0.2 s for 5 frames on one core)
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 16,
+        latents_std=[1.0] * 16,
+    )
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=_TEXT_DIM,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=64,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    _to_bf16(transformer, transformer_2, vae, text_encoder)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.875,
+    )
+
+
 @dataclass(frozen=True)
 class TinyArchitecture:
     """A built-in tiny pipeline: what it stands in for and how to build it in memory (BF16)."""
@@ -402,6 +593,20 @@ TINY_ARCHITECTURES: dict[str, TinyArchitecture] = {
         "FluxTransformer2DModel",
         _build_flux,
         "FLUX.1-dev layout: 2 double + 2 single blocks, width 64, CLIP + T5 text encoders of width 32",
+    ),
+    "tiny-z-image": TinyArchitecture(
+        "ZImagePipeline",
+        "ZImageTransformer2DModel",
+        _build_z_image,
+        "Z-Image layout: 2 single-stream layers + 1 noise and 1 context refiner, width 48, "
+        "Qwen3 text encoder of width 32 with 4 decoder layers",
+    ),
+    "tiny-wan2.2": TinyArchitecture(
+        "WanPipeline",
+        "WanTransformer3DModel",
+        _build_wan22,
+        "Wan2.2-T2V-A14B layout: high- and low-noise experts of 2 blocks, width 64, boundary 0.875, "
+        "UMT5 text encoder of width 32 (video: 5 frames of 32 px)",
     ),
 }
 
@@ -515,7 +720,9 @@ def plant_massive_activation(
     transformer = getattr(pipe, "transformer", pipe)
     if not isinstance(transformer, QwenImageTransformer2DModel):
         kind = type(transformer).__name__
-        raise UserError(f"massive activations can only be planted in QwenImageTransformer2DModel, not {kind}")
+        hint = "; use plant_wan_activation for Wan" if kind == "WanTransformer3DModel" else ""
+        raise UserError(f"massive activations can only be planted in QwenImageTransformer2DModel, "
+                        f"not {kind}{hint}")
     if family not in _PLANT_FAMILIES:
         raise UserError(f"cannot plant into family {family!r}; supported: {', '.join(_PLANT_FAMILIES)}")
     if not (math.isfinite(magnitude) and magnitude > 0):
@@ -547,10 +754,233 @@ def plant_massive_activation(
         proj.weight.copy_(column.to(proj.weight.dtype))
 
 
+# Doubling is exact in every binary float format, so a power-of-two magnitude makes the planted
+# scaling and its compensation exact in BF16 too: the planted model's BF16 output is the original's
+# bit for bit, except where a planted parameter is a sum (Wan's scale row, M * (1 + scale) - 1).
+_EXACT_MAGNITUDE = 2.0**20  # ~1e6: puts the ordinary channels below e4m3's smallest subnormal
+
+
+def _check_magnitude(magnitude: float) -> float:
+    if not (math.isfinite(magnitude) and magnitude > 0):
+        raise UserError(f"magnitude must be a positive finite number, got {magnitude}")
+    return float(magnitude)
+
+
+def _scale_columns(linear: torch.nn.Linear, channel: int, factor: float) -> None:
+    """Multiply input column ``channel`` of ``linear``'s weight by ``factor``, in float64."""
+    weight = linear.weight.double()
+    weight[:, channel] *= factor
+    linear.weight.copy_(weight.to(linear.weight.dtype))
+
+
+_WAN_EXPERTS = ("transformer", "transformer_2")
+
+
+def _wan_expert(pipe: DiffusionPipeline | torch.nn.Module, expert: str | None) -> WanTransformer3DModel:
+    """The expert ``expert`` of a Wan pipeline, or ``pipe`` itself when it is a Wan transformer."""
+    from diffusers import WanTransformer3DModel
+
+    if isinstance(pipe, WanTransformer3DModel):
+        return pipe
+    if expert not in _WAN_EXPERTS:
+        raise UserError(f"expert must be one of {', '.join(_WAN_EXPERTS)}, got {expert!r}")
+    transformer = getattr(pipe, expert, None)
+    if not isinstance(transformer, WanTransformer3DModel):
+        kind = type(transformer).__name__
+        raise UserError(f"{expert} must be a WanTransformer3DModel to plant a Wan activation, not {kind}")
+    return transformer
+
+
+@torch.no_grad()
+def plant_wan_activation(
+    pipe: DiffusionPipeline | torch.nn.Module,
+    family: str = "ffn",
+    blocks: list[int] | None = None,
+    expert: str | None = None,
+    magnitude: float = _EXACT_MAGNITUDE,
+    channel: int = 0,
+    branch_gain: float = 1.0,
+) -> None:
+    """Give one input channel of ``ffn.net.0.proj`` in every block of ONE Wan expert a massive
+    activation, in place.
+
+    ``pipe`` is a Wan 2.x pipeline (then ``expert`` picks ``transformer``, the high-noise expert,
+    or ``transformer_2``, the low-noise one) or one ``WanTransformer3DModel``. The other expert is
+    untouched, so FP8 hurts only the steps on one side of ``boundary_ratio``. Why plant at all: see
+    :func:`plant_massive_activation`; the BF16 output is unchanged up to rounding, and per token the
+    ordinary channels end up below e4m3's smallest subnormal once the outlier sets the FP8 scale.
+    Not idempotent: planting twice multiplies by ``magnitude`` twice.
+
+    How: a Wan block's FFN input is ``norm3(x) * (1 + c_scale) + c_shift``, computed in float32,
+    where ``c_shift``/``c_scale`` are rows 3/4 of the block's ``scale_shift_table`` plus chunks 3/4
+    of ``condition_embedder.time_proj``'s output. Multiplying the time_proj rows of ``channel``
+    (weight and bias) by M, and setting ``c_shift' = M * c_shift`` and ``1 + c_scale' = M * (1 +
+    c_scale)`` in the table, multiplies that channel by M at every timestep; dividing column
+    ``channel`` of ``ffn.net.0.proj`` by M cancels it. time_proj sits outside the blocks and is not
+    quantized, like Qwen-Image's ``img_mod``. It is one Linear shared by all blocks of the expert,
+    so its M reaches every block: ``family`` must be ``ffn`` and ``blocks`` None (or all of them).
+    No per-block place works as well: the one per-block channel factor outside the modulation, the
+    cross-attention norm's affine weight, feeds ``attn2.to_q``, and with random weights a damaged
+    query barely changes the attention output (tried: FP8 with and without that to_q kept in BF16
+    moved the final latents alike, 1.5% vs 1.6%, even with its output scaled by 4).
+
+    ``magnitude`` defaults to 2**20: a power of two keeps every scaling exact in BF16 except the
+    table's ``M * (1 + c_scale) - 1``, which needs more bits than ``c_scale``. diffusers loads
+    ``scale_shift_table`` in float32 (``_keep_in_fp32_modules``), where it is exact to ~1e-7 and the
+    output measured bit-identical; stored in BF16, as :func:`save_planted` writes it, it keeps 8
+    significant bits, a 0.4% error in one channel's scale: measured 0.0011 mean pixel change.
+
+    ``branch_gain`` multiplies ``c_gate`` (time_proj chunk 5 and table row 5, in every block), the
+    gate of the FFN's contribution to the residual stream, and is *not* compensated (1.0, the
+    default, changes nothing). Why: with random weights the FFN adds little to the stream and the
+    random VAE flattens latent differences further. Measured on tiny-wan2.2 (``transformer_2``,
+    4 steps, W8A8 per-token on every block Linear of both experts), FP8 everywhere vs FP8 with the
+    planted ``ffn.net.0.proj`` kept in BF16 moves the final latents by 3.2% vs 1.0% at gain 1, but
+    the pixels by 0.0013 vs 0.0012; at gain 4 by 10% vs 1.2%, and 0.0031 vs 0.0012.
+    """
+    transformer = _wan_expert(pipe, expert)
+    n_blocks = len(transformer.blocks)
+    if family != "ffn":
+        raise UserError(f"cannot plant into Wan family {family!r}; supported: ffn")
+    if blocks is not None and sorted(set(blocks)) != list(range(n_blocks)):
+        raise UserError("ffn can only be planted in all blocks of an expert at once (blocks=None): its "
+                        "modulation comes from one time projection shared by every block")
+    m = _check_magnitude(magnitude)
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    if not 0 <= channel < dim:
+        raise UserError(f"channel {channel} out of range; the blocks are {dim} wide")
+    if not (math.isfinite(branch_gain) and branch_gain > 0):
+        raise UserError(f"branch_gain must be a positive finite number, got {branch_gain}")
+
+    time_proj = transformer.condition_embedder.time_proj
+    rows = [3 * dim + channel, 4 * dim + channel]  # chunks: shift, scale, gate, c_shift, c_scale, c_gate
+    weight, bias = time_proj.weight.double(), time_proj.bias.double()
+    for values in (weight, bias):
+        values[rows] *= m
+        values[5 * dim:6 * dim] *= branch_gain
+    time_proj.weight.copy_(weight.to(time_proj.weight.dtype))
+    time_proj.bias.copy_(bias.to(time_proj.bias.dtype))
+    for block in transformer.blocks:
+        table = block.scale_shift_table.double()  # (1, 6, dim)
+        table[0, 3, channel] *= m
+        table[0, 4, channel] = m * (1.0 + table[0, 4, channel]) - 1.0
+        table[0, 5] *= branch_gain
+        block.scale_shift_table.copy_(table.to(block.scale_shift_table.dtype))
+        _scale_columns(block.ffn.net[0].proj, channel, 1.0 / m)
+
+
+_TEXT_SITES = {
+    # site: (the RMSNorm whose weight carries the outlier, the Linears that read its output)
+    "mlp": ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    "attn": ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+}
+# Where Qwen-style models keep their decoder layers: Qwen2/Qwen3 ``*Model``, ``*ForCausalLM``, and
+# the language model inside Qwen2.5-VL / Qwen3-VL.
+_DECODER_LAYER_PATHS = ("layers", "model.layers", "language_model.layers", "model.language_model.layers")
+
+
+def _decoder_layers(text_encoder: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a Qwen-style text encoder, or a UserError naming what was found."""
+    for path in _DECODER_LAYER_PATHS:
+        try:
+            layers = text_encoder.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return layers
+    kind = type(text_encoder).__name__
+    raise UserError(f"{kind} is not a Qwen-style text encoder: no decoder layers at "
+                    f"{', '.join(_DECODER_LAYER_PATHS)}")
+
+
+@torch.no_grad()
+def plant_text_encoder_activation(
+    pipe: DiffusionPipeline | torch.nn.Module,
+    layer: int,
+    site: str = "mlp",
+    magnitude: float = _EXACT_MAGNITUDE,
+    channel: int = 0,
+    component: str = "text_encoder",
+) -> None:
+    """Give decoder layer ``layer`` of a Qwen-style text encoder a massive activation, in place.
+
+    ``pipe`` is a pipeline (its ``component`` is used) or the text encoder itself: Qwen2/Qwen3
+    models and Qwen2.5-VL, whose decoder layers are all ``input_layernorm -> self_attn``,
+    ``post_attention_layernorm -> mlp`` with RMSNorms computing ``weight * x / rms(x)``.
+
+    Why: the same as :func:`plant_massive_activation`, for a text encoder whose Linears run W8A8
+    with dynamic per-token activation scales (``amax / 448`` per row). One outlier channel sets every
+    token's scale, the ordinary channels fall below e4m3's smallest subnormal and are erased, and
+    the Linears reading that input lose nearly all of their output. The BF16 output is unchanged.
+
+    How: the RMSNorm feeding the ``site`` divides by the RMS of its input *before* applying its
+    weight, so multiplying ``weight[channel]`` by M multiplies that channel of its output, and only
+    that, by M. Dividing column ``channel`` of every Linear reading it by M cancels it exactly:
+    ``site="mlp"`` (default) plants in the input of ``mlp.gate_proj``/``mlp.up_proj`` (vLLM's fused
+    ``gate_up_proj``), ``site="attn"`` in the input of ``q_proj``/``k_proj``/``v_proj``
+    (``qkv_proj``). The norm weight is not a Linear and is never quantized, so the outlier is made
+    in high precision. Not the input of ``down_proj``: scaling it would need M in ``up_proj``'s
+    weight rows, where per-tensor FP8 weight scaling would wreck ``up_proj`` as well.
+
+    ``magnitude`` defaults to 2**20: multiplying and dividing by a power of two is exact in BF16
+    (barring overflow), so the planted encoder's BF16 output is the original's bit for bit.
+    Not idempotent: planting twice multiplies by ``magnitude`` twice.
+
+    Measured on tiny-z-image (layer 1, ``mlp``; relative error of ``hidden_states[-2]``, what the
+    pipeline reads): W8A8 per-token on the planted ``gate_proj``/``up_proj`` alone gives 0.35, on any
+    other Linear at most 0.05, as without planting. Weight-only FP8 notices too, less so: the
+    compensated column, M times smaller, rounds to zero (0.09-0.11 vs 0.015). Z-Image never reads
+    the last layer's output, so planting there leaves every FP8 result untouched.
+    """
+    text_encoder = pipe if isinstance(pipe, torch.nn.Module) else getattr(pipe, component, None)
+    if not isinstance(text_encoder, torch.nn.Module):
+        raise UserError(f"the pipeline has no {component} to plant into")
+    if site not in _TEXT_SITES:
+        raise UserError(f"cannot plant into text encoder site {site!r}; supported: {', '.join(_TEXT_SITES)}")
+    m = _check_magnitude(magnitude)
+    layers = _decoder_layers(text_encoder)
+    if not 0 <= layer < len(layers):
+        raise UserError(f"layer {layer} out of range; the text encoder has {len(layers)} decoder layers")
+    norm_name, reader_names = _TEXT_SITES[site]
+    decoder_layer = layers[layer]
+    try:
+        norm = decoder_layer.get_submodule(norm_name)
+        readers = [decoder_layer.get_submodule(n) for n in reader_names]
+    except AttributeError:
+        kind = type(decoder_layer).__name__
+        raise UserError(f"{kind} is not a Qwen-style decoder layer: it lacks {norm_name} or "
+                        f"{', '.join(reader_names)}") from None
+    if not 0 <= channel < norm.weight.numel():
+        raise UserError(f"channel {channel} out of range; the text encoder is {norm.weight.numel()} wide")
+
+    weight = norm.weight.double()
+    weight[channel] *= m
+    norm.weight.copy_(weight.to(norm.weight.dtype))
+    for reader in readers:
+        _scale_columns(reader, channel, 1.0 / m)
+
+
 def save_planted(name: str, family: str, blocks: list[int] | None, out_dir: str | Path,
                  seed: int = 0, **plant_options) -> Path:
     """Build the tiny pipeline ``name``, plant a massive activation into ``family`` of ``blocks``,
-    and save it to ``out_dir``: a model directory where FP8 genuinely hurts one known family."""
+    and save it to ``out_dir``: a model directory where FP8 genuinely hurts one known family.
+
+    Wan pipelines go through :func:`plant_wan_activation` and need ``expert=`` among
+    ``plant_options``; the others through :func:`plant_massive_activation`.
+    """
+    from diffusers import WanPipeline
+
     pipe = _architecture(name).build(seed)
-    plant_massive_activation(pipe, family, blocks, **plant_options)
+    plant = plant_wan_activation if isinstance(pipe, WanPipeline) else plant_massive_activation
+    plant(pipe, family, blocks, **plant_options)
+    return _save(pipe, out_dir)
+
+
+def save_planted_text_encoder(name: str, layer: int, out_dir: str | Path, seed: int = 0,
+                              **plant_options) -> Path:
+    """Build the tiny pipeline ``name``, plant a massive activation into decoder layer ``layer`` of
+    its text encoder (:func:`plant_text_encoder_activation`) and save it to ``out_dir``: a model
+    directory where FP8 activations hurt one known text-encoder layer."""
+    pipe = _architecture(name).build(seed)
+    plant_text_encoder_activation(pipe, layer, **plant_options)
     return _save(pipe, out_dir)
