@@ -304,51 +304,35 @@ def _dequantize_pre_hook(module: nn.Module, args) -> None:
     module.weight.data = state.weight_fp8.to(state.compute_dtype) * state.scale.to(state.compute_dtype)
 
 
-def _restore_post_hook(module: nn.Module, args, output) -> None:
-    module.weight.data = module._layerscan_fp8_storage.weight_fp8
-
-
-def _with_compute_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Make ``model.dtype`` keep answering the compute dtype.
-
-    diffusers and transformers derive ``model.dtype`` from the first floating parameter; with
-    weights at rest in FP8 pipelines would otherwise cast their latents to float8.
-    """
-    base = type(model)
-    if getattr(base, "_layerscan_storage_base", None) is not None:
-        return
-    shim = type(f"Fp8Storage{base.__name__}", (base,), {
-        "_layerscan_storage_base": base,
-        "dtype": property(lambda self: self._layerscan_compute_dtype),
-    })
-    model._layerscan_compute_dtype = compute_dtype
-    model.__class__ = shim
+def _release_post_hook(module: nn.Module, args, output) -> None:
+    state: _StorageState = module._layerscan_fp8_storage
+    module.weight.data = state.weight_fp8.new_empty(0, dtype=state.compute_dtype)
 
 
 def apply_fp8_weight_storage(model: nn.Module) -> int:
     """Store every Linear/Conv2d/Conv3d weight of ``model`` in FP8; returns how many were converted.
 
-    Idempotent: modules already converted are skipped, so calling it twice changes nothing.
+    At rest each weight parameter is an empty tensor of the compute dtype and the FP8 copy is a
+    plain attribute: ``model.dtype`` (the first floating parameter's) keeps answering the compute
+    dtype, so pipelines cast their inputs as before, and the module keeps its class (transformers
+    5 records hidden states through hooks tied to it).  Idempotent: modules already converted
+    are skipped, so calling it twice changes nothing.
     """
     converted = 0
-    compute_dtype = None
     for module in model.modules():
         if not isinstance(module, STORAGE_TYPES) or hasattr(module, "_layerscan_fp8_storage"):
             continue
         weight = module.weight.data
-        compute_dtype = compute_dtype or weight.dtype
         weight_fp8, scale = quantize_per_tensor(weight)
         handles = (
             module.register_forward_pre_hook(_dequantize_pre_hook),
-            module.register_forward_hook(_restore_post_hook),
+            module.register_forward_hook(_release_post_hook),
         )
         module._layerscan_fp8_storage = _StorageState(
             weight.detach().to("cpu", copy=True), weight_fp8, scale, weight.dtype, handles
         )
-        module.weight.data = weight_fp8
+        module.weight.data = weight.new_empty(0)
         converted += 1
-    if converted:
-        _with_compute_dtype(model, compute_dtype)
     return converted
 
 
@@ -364,11 +348,13 @@ def remove_fp8_weight_storage(model: nn.Module) -> int:
         module.weight.data = state.original.to(state.weight_fp8.device)
         del module._layerscan_fp8_storage
         restored += 1
-    base = getattr(type(model), "_layerscan_storage_base", None)
-    if base is not None:
-        model.__class__ = base
-        del model._layerscan_compute_dtype
     return restored
+
+
+def fp8_storage_bytes(model: nn.Module) -> int:
+    """Bytes of the FP8 weight copies held at rest (what storage puts in the weights' place)."""
+    return sum(m._layerscan_fp8_storage.weight_fp8.numel() for m in model.modules()
+               if hasattr(m, "_layerscan_fp8_storage"))
 
 
 def has_fp8_weight_storage(model: nn.Module) -> bool:

@@ -10,6 +10,7 @@ from layerscan.fp8 import (
     FP8_MAX,
     Fp8Linear,
     apply_fp8_weight_storage,
+    fp8_storage_bytes,
     fp8_linear,
     has_fp8_weight_storage,
     per_tensor_scale,
@@ -179,18 +180,20 @@ def test_weight_storage_hooks_fp8_at_rest_bf16_in_forward_and_reversible():
     assert apply_fp8_weight_storage(model) == 0  # idempotent
     assert has_fp8_weight_storage(model)
     for m in (model.lin, model.conv, model.conv3):
-        assert m.weight.dtype == FP8_DTYPE  # at rest
+        # At rest: an empty compute-dtype parameter, the weight in FP8 beside it.
+        assert m.weight.numel() == 0 and m.weight.dtype == torch.bfloat16
+        assert m._layerscan_fp8_storage.weight_fp8.dtype == FP8_DTYPE
     assert model.norm.weight.dtype == torch.bfloat16
     seen = {}
-    model.lin.register_forward_pre_hook(lambda m, a: seen.update(dtype=m.weight.dtype))
+    model.lin.register_forward_pre_hook(lambda m, a: seen.update(shape=tuple(m.weight.shape)))
     out = model.lin(x)
-    assert seen["dtype"] == torch.bfloat16  # dequantized for compute (hook order: ours first)
-    assert model.lin.weight.dtype == FP8_DTYPE  # and back to FP8 afterwards
+    assert seen["shape"] == tuple(originals["lin.weight"].shape)  # dequantized for compute (hook order: ours first)
+    assert model.lin.weight.numel() == 0  # and released afterwards
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), ref.float(), atol=0.15, rtol=0.1)
     assert model.conv(img).dtype == torch.bfloat16
-    bytes_fp8 = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights = sum(m.weight.numel() for m in (model.lin, model.conv, model.conv3))
+    bytes_fp8 = sum(p.numel() * p.element_size() for p in model.parameters()) + fp8_storage_bytes(model)
+    weights = sum(m._layerscan_fp8_storage.weight_fp8.numel() for m in (model.lin, model.conv, model.conv3))
     assert bytes_before - bytes_fp8 == weights  # one byte saved per stored weight
 
     assert remove_fp8_weight_storage(model) == 3
@@ -211,3 +214,19 @@ def test_weight_storage_keeps_model_dtype_reporting_compute_dtype():
     assert torch.isfinite(out.float()).all()
     remove_fp8_weight_storage(vae)
     assert type(vae) is AutoencoderKL
+
+
+def test_weight_storage_keeps_transformers_hidden_states():
+    """transformers 5 records hidden states through hooks tied to the model: storage must leave
+    the model as it is (a changed class returned hidden_states=None)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    model = Qwen3Model(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   head_dim=16)).to(torch.bfloat16).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    apply_fp8_weight_storage(model)
+    out = model(input_ids=ids, output_hidden_states=True)
+    assert out.hidden_states is not None and len(out.hidden_states) == 3
+    assert model.dtype == torch.bfloat16

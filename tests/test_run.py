@@ -153,7 +153,8 @@ def test_the_text_encoder_runs_as_the_scheme_says_during_a_run(planted_dir, two_
     if scheme == "vllm-omni":  # W8A8 like the DiT; weights kept at rest in BF16 beside the FP8 copy
         assert up_proj.fp8_enabled and up_proj.weight_fp8.dtype == FP8_DTYPE
     else:  # FP8 weight storage, dequantized in forward hooks
-        assert up_proj.weight.dtype == FP8_DTYPE
+        assert up_proj._layerscan_fp8_storage.weight_fp8.dtype == FP8_DTYPE
+        assert up_proj.weight.numel() == 0
 
 
 def test_a_criterion_metric_flag_brings_its_own_thresholds():
