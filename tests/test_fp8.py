@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import pytest
+
 from layerscan.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -17,6 +19,7 @@ from layerscan.fp8 import (
     quantize_activation,
     quantize_per_tensor,
     remove_fp8_weight_storage,
+    row_scale,
 )
 
 # e4m3 has 3 mantissa bits: round-to-nearest relative error is at most 2**-4 for normal values.
@@ -230,3 +233,34 @@ def test_weight_storage_keeps_transformers_hidden_states():
     out = model(input_ids=ids, output_hidden_states=True)
     assert out.hidden_states is not None and len(out.hidden_states) == 3
     assert model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scheme", ["token", "tensor"])
+@pytest.mark.parametrize("m,k,n", [(64, 192, 576), (77, 768, 3072), (128, 3072, 768), (5, 32, 48)])
+def test_cpu_path_equals_scaled_mm_within_accumulation_rounding(m, k, n, scheme):
+    """The CPU's FP32 GEMM of the e4m3 values against torch._scaled_mm on the same operands:
+    both sum exact products in FP32 and round once; only the order of the sum may differ, so an
+    output differs by at most one BF16 step, and rarely."""
+    torch.manual_seed(m + k + n)
+    x = torch.randn(m, k, dtype=torch.bfloat16) * 2
+    x[:, 3] *= 60  # an outlier channel, as real activations have
+    weight = torch.randn(n, k, dtype=torch.bfloat16) * 0.05
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    w_fp8, w_scale = quantize_per_tensor(weight)
+    ours = fp8_linear(x, w_fp8, w_scale, bias, scheme)
+    x_fp8, x_scale = quantize_activation(x, scheme)
+    reference = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=row_scale(w_scale, n),
+                                 out_dtype=torch.bfloat16) + bias
+    # The reference adds the bias after its own rounding: compare with the bias the same way.
+    unbiased = fp8_linear(x, w_fp8, w_scale, None, scheme)
+    scaled = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=row_scale(w_scale, n),
+                              out_dtype=torch.bfloat16)
+    # One BF16 step of the result, plus what a different FP32 summation order can change when
+    # large products cancel (the classic bound: k units of FP32 roundoff on the sum of |products|).
+    magnitude = (x_fp8.float().abs() @ w_fp8.float().abs().t()) * x_scale * row_scale(w_scale, n)
+    tolerance = torch.finfo(torch.bfloat16).eps * scaled.float().abs() + k * 2.0**-24 * magnitude
+    assert ((unbiased.float() - scaled.float()).abs() <= tolerance).all()
+    assert (unbiased != scaled).float().mean() < 0.01
+    # With the bias applied before the one rounding, ours is at least as close to the exact value.
+    exact = (x_fp8.double() @ w_fp8.double().t()) * x_scale.double() * w_scale.double() + bias.double()
+    assert (ours.double() - exact).abs().mean() <= (reference.double() - exact).abs().mean() * 1.001
