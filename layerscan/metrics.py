@@ -284,8 +284,13 @@ def _missing_message(net: str, path: Path, problem: str) -> str:
         f"LPIPS ({net}) needs the torchvision {LPIPS_NETS[net]} ImageNet weights at {path} "
         f"but {problem}; on a machine with internet download {lpips_weights_url(net)} and copy "
         f"it to that path (or point TORCH_HOME at a directory holding hub/checkpoints/"
-        f"{path.name}), or continue without LPIPS with --metrics ssim,psnr or --allow-missing-lpips"
+        f"{path.name}), or {WITHOUT_LPIPS_ADVICE}{' '.join(WITHOUT_LPIPS_FLAGS)}"
     )
+
+
+# What the missing-weights message tells users to add; tests run exactly these flags.
+WITHOUT_LPIPS_ADVICE = "continue without LPIPS: "
+WITHOUT_LPIPS_FLAGS = ("--metrics", "ssim,psnr", "--criterion-metric", "psnr")
 
 
 def check_lpips_weights(net: str = "alex") -> None:

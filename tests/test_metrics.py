@@ -219,7 +219,7 @@ def test_check_lpips_weights_missing(empty_home: Path) -> None:
     message = str(info.value)
     assert str(expected) in message
     assert f"https://download.pytorch.org/models/{ALEX_FILE}" in message
-    assert "--metrics ssim,psnr" in message and "--allow-missing-lpips" in message
+    assert "--metrics ssim,psnr --criterion-metric psnr" in message
     assert "\n" not in message
     assert isinstance(info.value, UserError)
 

@@ -169,3 +169,45 @@ def test_a_criterion_metric_flag_brings_its_own_thresholds():
                   ).criterion == Criterion("accuracy", 0.7, 0.0)
     with pytest.raises(UserError, match="outside the range of ssim"):
         _study(parse(["run", "--metrics", "ssim", "--criterion-metric", "ssim", "--criterion-mean", "30"]))
+
+
+def test_the_missing_lpips_advice_works_as_printed(planted_dir, tmp_path, monkeypatch, capsys, two_prompts):
+    """Without LPIPS weights the error names flags to continue with; run exactly those.  The
+    model has no shipped study: metrics and criterion are the defaults (LPIPS)."""
+    from layerscan.metrics import WITHOUT_LPIPS_ADVICE
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    base = ["eval", "--model", str(planted_dir), "--prompts", str(two_prompts), "--steps", "2",
+            "--height", "32", "--width", "32", "--out", str(tmp_path / "eval")]
+    assert main(base) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    advice = message.split(WITHOUT_LPIPS_ADVICE, 1)[1].split()
+    assert main(base + advice) == 0
+    assert "criterion (psnr mean >= 30 and worst >= 25)" in capsys.readouterr().out
+
+
+def test_no_image_is_generated_twice_in_a_run(planted_dir, two_prompts, tmp_path, monkeypatch):
+    """Every pipeline call of a run, counted: the baseline and its floor variants once each,
+    every FP8 evaluation once per image it scored, and the report draws on those images."""
+    from diffusers import QwenImagePipeline
+
+    calls = []
+    original = QwenImagePipeline.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("prompt"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImagePipeline, "__call__", counted)
+    out = tmp_path / "count"
+    rec = _run(planted_dir, out, two_prompts, "--strategy", "greedy", "--cache-dir", str(tmp_path / "cache"))
+    records = [json.loads(line)["record"] for line in (out / "trials.jsonl").read_text().splitlines()]
+    images = 2
+    evaluated = sum(len(r["per_prompt"]) + (r["status"] == "failed") for r in records)
+    # baseline + two noise-floor variants, then every FP8 evaluation's images; nothing else.
+    assert len(calls) == 3 * images + evaluated
+    assert rec["report_generated_images"] == 0
+    # Run again: everything is on record, nothing is generated at all.
+    calls.clear()
+    _run(planted_dir, out, two_prompts, "--strategy", "greedy", "--cache-dir", str(tmp_path / "cache"))
+    assert calls == []
