@@ -57,8 +57,9 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
                    help="mean threshold: a number, or relative to the noise floor: 'floor + 0.05'")
     p.add_argument("--criterion-worst", dest="criterion_worst",
                    help="worst-image threshold: a number or 'floor + N' / 'floor - N'")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the DiT's repeated blocks; times are then 'compiled'")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the DiT's repeated blocks (default: on GPUs); times are "
+                        "then 'compiled'")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--cache-dir", dest="cache_dir", type=Path,
                    help="baseline and tiny-pipeline cache (default: $LAYERSCAN_CACHE or ~/.cache/layerscan)")

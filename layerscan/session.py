@@ -102,7 +102,7 @@ def open_session(
     if engine.residency == "requantize":
         warn("weights: BF16 and FP8 copies of the quantized layers do not fit side by side on "
              f"{loaded.device}; re-quantizing on every switch")
-    if study.compile:
+    if study.compile or (study.compile is None and loaded.device.type == "cuda"):
         compile_transformer(loaded.transformer)
     engine.apply(None)
     session = Session(study, loaded, engine, spec, scorer, metrics)

@@ -165,7 +165,9 @@ class Study:
     max_trials: int = 200
     timeout_s: float | None = None
     activation_scheme: str = "token"
-    compile: bool = False  # compile the DiT's repeated blocks (FP8 only pays off compiled on GPUs)
+    # Compile the DiT's repeated blocks (None: on GPUs, where FP8 only pays off compiled; the
+    # eager step is bound by launching kernels, see benchmarks/RESULTS.md).
+    compile: bool | None = None
     profile: str | None = None
     storage: str | None = None  # Optuna storage URL; None: SQLite under the output directory
     seed: int = 0  # sampler seed for strategies that draw at random
