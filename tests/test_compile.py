@@ -1,4 +1,4 @@
-"""`--compile`: FP8 layers trace under torch.compile."""
+"""`--compile`: FP8 layers trace under torch.compile; a compiler failure is named as one."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from layerscan import fp8
+from layerscan.evaluate import failure_message
 from layerscan.fp8 import Fp8Linear
 
 
@@ -25,3 +26,16 @@ def test_compiled_fp8_linear_needs_no_probe_inside_the_trace(monkeypatch, fresh_
     x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True, backend="eager")  # tracing is what failed
     assert torch.equal(compiled(x), layer(x))
+
+
+def test_a_compiler_failure_is_named_as_one(fresh_dynamo):
+    # What fp8_linear used to do inside a compiled region: read a probe's result on the host.
+    def probe_in_trace(x):
+        return x * 2 if bool((x == 1).all()) else x
+
+    with pytest.raises(RuntimeError) as info:
+        torch.compile(probe_in_trace, fullgraph=True, backend="eager")(torch.ones(4))
+    message = failure_message(info.value)
+    assert message.startswith("compile error (torch._dynamo.exc.UserError): ")
+    assert "data-dependent" in message
+    assert failure_message(RuntimeError("boom\nmore")) == "RuntimeError: boom"
