@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from layerscan.engine import Fp8Engine, Ignored, describe, normalize
-from layerscan.errors import UserError
+from layerscan.errors import NonFiniteOutput
 from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png
 from layerscan.metrics import METRICS, Scorer, summarize
 from layerscan.stats import bootstrap_ci, one_sided_bound
@@ -151,6 +151,23 @@ def still_decides(record: TrialRecord, total: int, criterion: Criterion) -> bool
     return record.status != "stopped" or failure_proven(record.per_prompt, total, criterion)
 
 
+def failure_message(exc: BaseException) -> str:
+    """A failed record's ``error`` for an exception raised while generating: its first line,
+    after the exception's full name.
+
+    torch's compiler has its own ``UserError`` (``torch._dynamo.exc.UserError``), unrelated to
+    layerscan's; named by its bare class name, an internal compile failure read like a mistake
+    of the user's.  Compiler failures say so; anything else carries its module.
+    """
+    kind = type(exc)
+    module = kind.__module__
+    name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+    first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if module.startswith(("torch._dynamo", "torch._inductor")):
+        return f"compile error ({name}): {first_line}"
+    return f"{name}: {first_line}"
+
+
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -176,8 +193,9 @@ def evaluate(
 
     ``resume``: a stopped record of this configuration; its images' scores are kept and only
     the images after them are generated, so a stopped evaluation is continued, never repeated.
-    Pattern errors are the user's (a ``UserError`` propagates); everything the configuration
-    itself causes ends in a failed record.
+    Pattern errors and other mistakes of the user's propagate as ``UserError``; what the
+    configuration itself causes (NaN output, out of memory, a runtime or compiler error) ends in
+    a failed record.
     """
     config = engine.apply(ignored)
     loaded = engine.loaded
@@ -203,13 +221,13 @@ def evaluate(
             if stop_rule and index + 1 < len(spec.items()) and stop_rule(record.per_prompt):
                 record.status = "stopped"
                 break
-    except UserError as exc:  # NaN/inf output: this configuration's fault
+    except NonFiniteOutput as exc:  # NaN/inf output: this configuration's fault
         record.status, record.error = "failed", str(exc)
     except torch.OutOfMemoryError:
         record.status, record.error = "failed", "out of memory"
         torch.cuda.empty_cache()
     except RuntimeError as exc:
-        record.status, record.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        record.status, record.error = "failed", failure_message(exc)
     record.peak_memory_bytes = _peak(loaded.device)
     # The median: a configuration's first image may include compilation when compiled.
     record.seconds_per_image = float(np.median(seconds)) if seconds else (

@@ -159,9 +159,19 @@ _BIAS_SUPPORT: dict[str, bool] = {}
 def _scaled_mm_takes_bias(device_type: str) -> bool:
     """Whether this build's row-wise ``_scaled_mm`` adds a BF16 bias in its epilogue.
 
-    Probed once per device type: where it does, the bias costs no separate kernel launch.
+    Probed once per device type: where it does, the bias costs no separate kernel launch.  The
+    probe reads a result back to the host, which a compiled region cannot do (dynamo stops with
+    "Could not guard on data-dependent expression"), so ``Fp8Linear.set_precision`` probes
+    eagerly before any FP8 forward and traced code only reads the recorded answer.  Guessing
+    inside a trace is no option: a fused and a separate bias add round differently, and compiled
+    and eager runs must compute the same thing.
     """
     if device_type not in _BIAS_SUPPORT:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"torch._scaled_mm's bias support on {device_type!r} must be probed before "
+                f"compiling: call layerscan.fp8._scaled_mm_takes_bias({device_type!r}) eagerly "
+                "first (Fp8Linear.set_precision does)")
         a = torch.ones(16, 16, device=device_type).to(FP8_DTYPE)
         s = torch.ones(16, 1, device=device_type)
         try:
@@ -283,6 +293,8 @@ class Fp8Linear(nn.Linear):
                 self.weight.data = self.weight.data.new_empty(0)
             else:
                 self.weight_fp8 = self.weight_fp8.new_empty(0)
+        if fp8:
+            _scaled_mm_takes_bias(device.type)  # here, eagerly: a compiled forward cannot probe
         self.fp8_enabled = fp8
         if self.shared_input is not None:
             self.shared_input.clear()

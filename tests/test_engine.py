@@ -129,6 +129,20 @@ def test_pattern_matching_nothing_is_a_clear_error(qwen):
         engine.apply(["img_mpl"])
 
 
+def test_a_users_mistake_during_a_trial_is_raised_not_recorded(qwen, tmp_path):
+    from dataclasses import replace
+
+    from layerscan.evaluate import evaluate
+    from layerscan.generate import Baseline
+    from layerscan.metrics import Scorer
+
+    _, engine = qwen
+    spec = replace(SPEC, image=str(tmp_path / "input.png"))  # Qwen-Image takes no input image
+    with pytest.raises(UserError, match="takes no input image"):
+        evaluate(engine, [], spec, Baseline([], 0.0, tmp_path, False), Scorer(["psnr"]))
+    engine.apply(None)
+
+
 def test_flux_pipeline_switches_too(tiny_flux_dir):
     loaded = load_pipeline(str(tiny_flux_dir), "cpu")
     engine = Fp8Engine(loaded)

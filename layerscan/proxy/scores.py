@@ -147,7 +147,11 @@ class Proxies:
             for layer in loaded.index.of(component):
                 for module_name in layer.modules:
                     handles.append(modules[module_name].register_forward_hook(hook_for(layer.name)))
-            replay()
+            # Eagerly even when the DiT is compiled: dynamo does not guard on hooks added after
+            # compilation, so compiled blocks would run their cached graphs without calling
+            # these hooks and every layer would score 0.
+            with torch.compiler.set_stance("force_eager"):
+                replay()
         finally:
             for handle in handles:
                 handle.remove()
