@@ -94,7 +94,8 @@ class Fp8Engine:
         free, total = torch.cuda.mem_get_info(device)
         # A process capped below the card (torch.cuda.set_per_process_memory_fraction) can use
         # only its share, whatever the card has free.
-        fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        fraction = getattr(torch.cuda.memory, "get_per_process_memory_fraction", lambda d: 1.0)(index)
         total = min(total, int(fraction * total))
         free = min(free, total - torch.cuda.memory_reserved(device))
         return "both" if fp8_copies < free - _HEADROOM_FRACTION * total else "requantize"
