@@ -104,7 +104,7 @@ def reference_record(session) -> TrialRecord:
                          residency=session.engine.residency, execution_mode=execution_mode(session.loaded),
                          peak_memory_bytes=baseline.peak_memory_bytes,
                          seconds_per_image=baseline.seconds_per_image, strategy="reference")
-    record.per_prompt = [session.scorer.score_pair(image, image, prompt)
+    record.per_prompt = [session.scorer.score_output(image, image, prompt)
                          for image, prompt in zip(baseline.images, prompts)]
     summarize_record(record)
     record.finished_at = baseline.created_at
@@ -213,7 +213,7 @@ def evaluate(
     try:
         for index, image, elapsed in iter_images(loaded, spec, start=len(record.per_prompt)):
             seconds.append(elapsed)
-            record.per_prompt.append(scorer.score_pair(image, baseline.images[index], prompts[index]))
+            record.per_prompt.append(scorer.score_output(image, baseline.images[index], prompts[index]))
             if image_dir is not None:
                 save_png(image, image_dir / spec.image_name(index))
             if on_image:

@@ -34,7 +34,7 @@ def measure_floor(scorer: Scorer, baseline, prompts: list[str]) -> NoiseFloor:
     """Score every variant of ``baseline`` against the baseline itself."""
     variants = {}
     for name, images in baseline.floor_images.items():
-        per_prompt = [scorer.score_pair(image, reference, prompt)
+        per_prompt = [scorer.score_output(image, reference, prompt)
                       for image, reference, prompt in zip(images, baseline.images, prompts)]
         summary = summarize(per_prompt)
         variants[name] = {"mean": summary.mean, "worst": summary.worst, "per_prompt": per_prompt}

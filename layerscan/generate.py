@@ -1,9 +1,13 @@
-"""Image generation over a fixed prompt set and fixed seeds, and the cached BF16 baseline.
+"""Generation over a fixed prompt set and fixed seeds, and the cached BF16 baseline.
+
+One generated *output* is an HxWx3 uint8 image, or for a video pipeline (``LoadedPipeline.video``)
+all T of its frames, TxHxWx3: every frame is scored, so a video is never reduced to one frame.
+Names say "image" for either (``generate_image``, ``Baseline.images``).
 
 The baseline is the reference every configuration is scored against, so it is cached on disk
 under a key made of everything that changes its pixels; entries are verified against their
-manifest's hashes on every load and rebuilt when anything is off.  Images are PNG, nothing is
-pickled.
+manifest's hashes on every load and rebuilt when anything is off.  Outputs are PNG (a video is
+one PNG strip, its frames side by side), nothing is pickled.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from layerscan.errors import NonFiniteOutput, UserError
 from layerscan.pipeline import LoadedPipeline
@@ -96,17 +100,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def generate_image(loaded: LoadedPipeline, spec: GenerationSpec, prompt: str, seed: int) -> np.ndarray:
-    """One HxWx3 uint8 image; raises NonFiniteOutput when the pipeline produced NaN or inf."""
+    """One output: an HxWx3 uint8 image, or every frame of a video pipeline's clip (TxHxWx3);
+    raises NonFiniteOutput when the pipeline produced NaN or inf."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.inference_mode():
         out = loaded.pipe(prompt=prompt, generator=generator, **_call_kwargs(loaded.pipe, spec))
-    batch = out.images if hasattr(out, "images") else out.frames
-    image = np.asarray(batch[0], dtype=np.float32)
-    if image.ndim == 4:  # video pipelines: the middle frame stands for the clip
-        image = image[image.shape[0] // 2]
-    if not np.isfinite(image).all():
+    output = np.asarray((out.frames if loaded.video else out.images)[0], dtype=np.float32)
+    if output.ndim != (4 if loaded.video else 3) or output.shape[-1] != 3:
+        kind = "TxHxWx3 frames" if loaded.video else "an HxWx3 image"
+        raise TypeError(f"{type(loaded.pipe).__name__} returned an array of shape {output.shape}, "
+                        f"not {kind}")
+    if not np.isfinite(output).all():
         raise NonFiniteOutput(f"non-finite pixels (NaN/inf) for prompt {prompt!r}, seed {seed}")
-    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return (np.clip(output, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 def iter_images(
@@ -122,13 +128,46 @@ def iter_images(
         yield index, image, time.perf_counter() - start
 
 
+FRAMES_KEY = "layerscan-frames"  # PNG text chunk: the frame count of a video strip
+
+
 def save_png(image: np.ndarray, path: Path) -> None:
-    Image.fromarray(image).save(path, format="PNG")
+    """Write an image, or a video (TxHxWx3) as one strip of its frames side by side.
+
+    One file per output keeps the cache's manifest (one hash per output) and the trial images
+    the same for videos and images, and the strip is what a person opening it wants to see.
+    The frame count goes into a PNG text chunk, so the file alone gives the clip back.
+    """
+    if image.ndim == 4:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(FRAMES_KEY, str(image.shape[0]))
+        Image.fromarray(np.concatenate(list(image), axis=1)).save(path, format="PNG", pnginfo=info)
+    else:
+        Image.fromarray(image).save(path, format="PNG")
+
+
+@contextlib.contextmanager
+def _own_file() -> Iterator[None]:
+    """Lift Pillow's decompression-bomb limit while reading a file layerscan wrote itself: an
+    81-frame 720p strip has 75 M pixels and a longer clip passes Pillow's 179 M refusal line,
+    a guard meant for files from strangers."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def load_png(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    """An image, or the TxHxWx3 frames of a strip ``save_png`` wrote for a video."""
+    with _own_file(), Image.open(path) as img:
+        frames = img.info.get(FRAMES_KEY)
+        pixels = np.asarray(img.convert("RGB"))
+    if frames is None:
+        return pixels
+    height, width = pixels.shape[0], pixels.shape[1] // int(frames)
+    return np.ascontiguousarray(pixels.reshape(height, int(frames), width, 3).transpose(1, 0, 2, 3))
 
 
 def _sha256(path: Path) -> str:
@@ -150,6 +189,10 @@ def baseline_key(loaded: LoadedPipeline, spec: GenerationSpec) -> str:
         # keeps their intermediates in float32): a compiled run needs its own reference, or BF16
         # compiled would not score as identical to it.  Eager keys stay as they were.
         fields["execution_mode"] = "compiled"
+    if loaded.video:
+        # Videos were once cached as their middle frame under the same fields: whole clips are
+        # keyed apart, so such an entry is never read as a clip (image keys stay as they were).
+        fields["output"] = "video"
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -168,8 +211,8 @@ FLOOR_VARIANTS = {
 
 @dataclass
 class Baseline:
-    images: list[np.ndarray]
-    seconds_per_image: float  # median over the baseline's images
+    images: list[np.ndarray]  # one output per (prompt, seed): images, or videos' TxHxWx3 frames
+    seconds_per_image: float  # median over the baseline's outputs
     peak_memory_bytes: int | None  # GPU peak while the baseline was generated (None on CPU)
     directory: Path
     cached: bool  # True when loaded from disk rather than generated now

@@ -661,6 +661,9 @@ class Scorer:
     native size (upsampled only below ``LPIPS_MIN_SIDE``); all other metrics always see the
     original pixels. Video-only metrics (``temporal``) may be among ``metrics``; scoring an image
     pair with them is an error.
+
+    ``video``: what ``score_output`` scores, so that callers holding one generated output (an
+    image or a clip) never decide by its shape which it is; a session sets it from the pipeline.
     """
 
     def __init__(
@@ -668,12 +671,14 @@ class Scorer:
         metrics: Sequence[str] = ("lpips", "ssim", "psnr"),
         lpips_net: str = "alex",
         device: str = "cpu",
+        video: bool = False,
     ) -> None:
         if isinstance(metrics, str):
             metrics = metrics.split(",")
         self.metrics: tuple[str, ...] = tuple(_metric_names(metrics))
         self.lpips_net = lpips_net
         self.device = device
+        self.video = video
         self._lpips: torch.nn.Module | None = None
         if "lpips" in self.metrics:
             _check_net(lpips_net)
@@ -731,6 +736,14 @@ class Scorer:
                              "score videos with score_video, or drop them for images")
         return {name: self._frame_metric(name, image, reference, prompt, frame=False)
                 for name in self.metrics}
+
+    def score_output(self, output: np.ndarray, reference: np.ndarray,
+                     prompt: str | None = None) -> dict[str, float]:
+        """Score one generated output against its baseline: a video (``score_video``) when this
+        scorer scores videos, else an image (``score_pair``)."""
+        if self.video:
+            return self.score_video(output, reference, prompt)
+        return self.score_pair(output, reference, prompt)
 
     def score_video(self, video: np.ndarray, reference: np.ndarray,
                     prompt: str | None = None) -> dict[str, float]:

@@ -7,6 +7,7 @@ are real pipeline directories written with ``save_pretrained``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from layerscan.layers import LayerIndex
 from layerscan.profiles import Profile, make_profile
 
 DEMO_MODEL = "demo"  # the trained pipeline shipped in layerscan/demo/pipeline
+DIT_ATTRS = ("transformer", "transformer_2")  # Wan 2.2's second expert is a DiT like the first
 TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-COMPONENT_ATTRS = ("transformer", "transformer_2", *TEXT_ENCODER_ATTRS, "vae")
+COMPONENT_ATTRS = (*DIT_ATTRS, *TEXT_ENCODER_ATTRS, "vae")
 _HASH_WHOLE_FILE_BELOW = 64 << 20
 _HASH_EDGE_BYTES = 4 << 20
 
@@ -37,10 +39,19 @@ class LoadedPipeline:
     dtype: torch.dtype
     profile: Profile
     index: LayerIndex
+    # Whether the pipeline makes videos: decided once, here (``is_video_pipeline``); generation,
+    # caching, scoring and the report all follow it.
+    video: bool = False
 
     @property
     def transformer(self) -> nn.Module:
         return self.pipe.transformer
+
+    @property
+    def dits(self) -> dict[str, nn.Module]:
+        """The denoisers by pipeline attribute: the DiT, and Wan 2.2's second expert."""
+        return {a: getattr(self.pipe, a) for a in DIT_ATTRS
+                if isinstance(getattr(self.pipe, a, None), nn.Module)}
 
     @property
     def text_encoders(self) -> dict[str, nn.Module]:
@@ -180,6 +191,14 @@ def load_pipeline(
                          components, match)
 
 
+def is_video_pipeline(pipe) -> bool:
+    """A pipeline makes videos when its call takes a frame count (``num_frames``: Wan,
+    HunyuanVideo, LTX, CogVideoX, Mochi); no image pipeline in diffusers has one.  Read from the
+    signature, so it is known before anything is generated and cannot disagree between runs."""
+    call = getattr(type(pipe), "__call__", None)  # a bare holder of a transformer has none
+    return call is not None and "num_frames" in inspect.signature(call).parameters
+
+
 def wrap_pipeline(pipe, model: str, path: Path, fingerprint: str, device: torch.device,
                   dtype: torch.dtype, profile: str | None = None, scheme: str = "vllm-omni",
                   components: tuple[str, ...] | None = None, match: str | None = None) -> LoadedPipeline:
@@ -189,4 +208,4 @@ def wrap_pipeline(pipe, model: str, path: Path, fingerprint: str, device: torch.
     chosen = make_profile(type(pipe.transformer).__name__, profile, scheme, components, match,
                           present=tuple(present))
     return LoadedPipeline(pipe, model, path, fingerprint, device, dtype, chosen,
-                          LayerIndex.discover(present, chosen))
+                          LayerIndex.discover(present, chosen), is_video_pipeline(pipe))

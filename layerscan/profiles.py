@@ -157,8 +157,10 @@ class Architecture:
     per_component_routing: bool = False
 
 
-def _dit(method: str = W8A8, naming: Naming = Naming(), attr: str = "transformer") -> Component:
-    return Component(attr, method, naming, label="DiT" if attr == "transformer" else f"DiT ({attr})")
+def _dit(method: str = W8A8, naming: Naming = Naming(), attr: str = "transformer",
+         label: str = "") -> Component:
+    return Component(attr, method, naming,
+                     label=label or ("DiT" if attr == "transformer" else f"DiT ({attr})"))
 
 
 _QWEN_DIT = Naming(rules=((r"\.to_[qkv]$", ".to_qkv"), (r"\.add_[qkv]_proj$", ".add_kv_proj")),
@@ -178,6 +180,12 @@ _FLUX_DIT = Naming(rules=((r"\.attn\.to_[qkv]$", ".attn.to_qkv"),),
 _WAN_DIT = Naming(rules=((r"\.attn1\.to_[qkv]$", ".attn1.to_qkv"), (r"\.to_out\.0$", ".to_out"),
                          (r"\.ffn\.net\.0\.proj$", ".ffn.net_0.proj"), (r"\.ffn\.net\.2$", ".ffn.net_2")),
                   families=("attn1", "attn2", "ffn"))
+
+
+# The pipeline runs ``transformer`` while the timestep is at or above its boundary (the noisy
+# start of the schedule) and ``transformer_2`` below it: named so in reports.
+_WAN_EXPERTS = (_dit(naming=_WAN_DIT, label="DiT, high-noise expert"),
+                _dit(naming=_WAN_DIT, attr="transformer_2", label="DiT, low-noise expert"))
 
 
 def _te(method: str, naming: Naming = Naming()) -> Component:
@@ -202,8 +210,7 @@ ARCHITECTURES = (
     # Wan 2.2 A14B: two experts with the same layer names; vLLM-Omni resolves the
     # per-component config for "transformer" and "transformer_2" separately.
     Architecture("wan", ("WanTransformer3DModel",), "Wan2.2", _WAN_DIT, {
-        "vllm-omni": (_dit(naming=_WAN_DIT), _dit(naming=_WAN_DIT, attr="transformer_2")),
-        "seed": (_dit(naming=_WAN_DIT), _dit(naming=_WAN_DIT, attr="transformer_2")),
+        scheme: _WAN_EXPERTS for scheme in ("vllm-omni", "seed")
     }, per_component_routing=True),
 )
 DEFAULT_ARCHITECTURE = Architecture("default", (), "", Naming(), {

@@ -16,7 +16,7 @@ from layerscan.generate import (
     FLOOR_VARIANTS, Baseline, GenerationSpec, baseline_key, baseline_lock, load_or_build_baseline,
     read_prompts,
 )
-from layerscan.metrics import LPIPS_PROTOCOL, Scorer, check_accuracy_prompts, checker_fingerprint, resolve_metrics
+from layerscan.metrics import LPIPS_PROTOCOL, METRICS, Scorer, check_accuracy_prompts, checker_fingerprint, resolve_metrics
 from layerscan.pipeline import LoadedPipeline, load_pipeline, local_model_dir
 from layerscan.proxy.capture import capture_trajectory
 from layerscan.study import Criterion, Study
@@ -35,6 +35,20 @@ def compile_transformer(transformer) -> None:
     else:
         transformer.compile()
     transformer._layerscan_compiled = True
+
+
+def output_metrics(metrics: list[str], loaded: LoadedPipeline) -> list[str]:
+    """The metrics for what the pipeline makes: a video pipeline's clips are also scored for
+    ``temporal`` (flicker FP8 adds, which no per-frame metric sees); for images, a video-only
+    metric is the user's mistake."""
+    video_only = [m for m in METRICS if METRICS[m].video_only]
+    if loaded.video:
+        return metrics + [m for m in video_only if m not in metrics]
+    asked = [m for m in metrics if m in video_only]
+    if asked:
+        raise UserError(f"metric(s) {', '.join(asked)} compare video frames; {loaded.model} makes "
+                        "images: drop them from the metrics")
+    return metrics
 
 
 @dataclass
@@ -97,7 +111,8 @@ def open_session(
         loaded = load_pipeline(study.model, device, trust_remote_code=trust_remote_code,
                                revision=study.revision, profile=study.profile, scheme=study.scheme,
                                components=study.components, match=study.layer_match)
-    scorer = Scorer(metrics, study.lpips_net, str(loaded.device))
+    metrics = output_metrics(metrics, loaded)
+    scorer = Scorer(metrics, study.lpips_net, str(loaded.device), video=loaded.video)
     engine = Fp8Engine(loaded, study.activation_scheme)
     if engine.residency == "requantize":
         warn("weights: BF16 and FP8 copies of the quantized layers do not fit side by side on "

@@ -608,6 +608,13 @@ TINY_ARCHITECTURES: dict[str, TinyArchitecture] = {
         "Wan2.2-T2V-A14B layout: high- and low-noise experts of 2 blocks, width 64, boundary 0.875, "
         "UMT5 text encoder of width 32 (video: 5 frames of 32 px)",
     ),
+    "tiny-wan2.2-outlier": TinyArchitecture(
+        "WanPipeline",
+        "WanTransformer3DModel",
+        lambda seed: _planted_wan22(seed),
+        "tiny-wan2.2 with a massive activation planted in every ffn input of the low-noise expert "
+        "(transformer_2) only, its FFN gate raised 4x",
+    ),
 }
 
 
@@ -615,6 +622,18 @@ def _planted_qwen_image(seed: int) -> DiffusionPipeline:
     """The demo model: FP8 hurts ``img_mlp`` for a real numerical reason, as in Qwen-Image."""
     pipe = _build_qwen_image(seed)
     plant_massive_activation(pipe, "img_mlp")
+    return pipe
+
+
+def _planted_wan22(seed: int) -> DiffusionPipeline:
+    """The video example: FP8 hurts ``transformer_2``'s ``ffn`` and nothing of ``transformer``.
+
+    The low-noise expert makes the last steps, so its damage reaches the frames; the gain of 4
+    makes it show through the random VAE (measured on 2 prompts, 4 steps: FP8 everywhere 46 dB
+    PSNR, with ``transformer_2:ffn`` kept in BF16 53.7 dB, the BF16 noise floor 53.7 dB).
+    """
+    pipe = _build_wan22(seed)
+    plant_wan_activation(pipe, "ffn", expert="transformer_2", branch_gain=4.0)
     return pipe
 
 

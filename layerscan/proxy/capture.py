@@ -1,4 +1,10 @@
-"""Record the BF16 denoising trajectory: a few DiT calls with their inputs and outputs, cached."""
+"""Record the BF16 denoising trajectory: a few DiT calls with their inputs and outputs, cached.
+
+Every denoiser of the pipeline is recorded the same way: Wan 2.2 runs its high-noise expert
+(``transformer``) for the first steps and its low-noise expert (``transformer_2``) for the rest,
+and each expert gets its own samples, spread over its own part of the schedule, so the proxies
+can score the layers of both.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from torch import nn
 
 from layerscan.generate import baseline_key, default_cache_root, generate_image
 
-PROXY_FORMAT = 2  # 2: text-encoder calls recorded too
+PROXY_FORMAT = 3  # 2: text-encoder calls recorded too; 3: samples name their DiT (Wan's experts)
 MAX_SAMPLES = 8  # DiT calls per replay pass, at most
 STEP_IMAGES_PER_SAMPLE = 8  # one sample per this many (step, image) pairs: about 1/16 of an evaluation with CFG
 
@@ -25,7 +31,9 @@ STEP_IMAGES_PER_SAMPLE = 8  # one sample per this many (step, image) pairs: abou
 # --- sampling plan ---------------------------------------------------------------------------
 
 def sample_plan(steps: int, images: int) -> list[tuple[int, int]]:
-    """(image, step) of every recorded sample, spread over the prompts and over the schedule."""
+    """(image, step) of every recorded sample of one DiT, spread over the prompts and over the
+    schedule (a DiT that runs only part of it, one Wan expert, reads ``step`` as a position in its
+    own part)."""
     count = min(MAX_SAMPLES, max(1, steps * images // STEP_IMAGES_PER_SAMPLE))
     return [((k * images) // count, ((2 * k + 1) * steps) // (2 * count)) for k in range(count)]
 
@@ -37,6 +45,7 @@ class Sample:
     args: tuple
     kwargs: dict
     output: torch.Tensor  # the BF16 DiT output for these inputs
+    component: str = "transformer"  # which DiT made the call (Wan 2.2: or ``transformer_2``)
 
 
 @dataclass
@@ -44,7 +53,7 @@ class Trajectory:
     """The recorded samples and what a full evaluation costs in DiT calls."""
 
     samples: list[Sample]
-    calls_per_image: int
+    calls_per_image: int  # DiT calls of every denoiser together (true CFG counts double)
     images: int
     steps: int
     record_calls: int = 0  # DiT calls spent recording outside the BF16 reference row
@@ -55,6 +64,11 @@ class Trajectory:
     @property
     def full_evaluation_calls(self) -> int:
         return self.calls_per_image * self.images
+
+    @property
+    def components(self) -> list[str]:
+        """The DiTs with samples, in the order they first ran."""
+        return list(dict.fromkeys(s.component for s in self.samples))
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -96,27 +110,31 @@ class _Recorder:
     """Hooks that keep the planned DiT calls of a generation run.
 
     A new image starts at the first DiT call after any other component (text encoder, VAE)
-    ran; each image's calls are buffered until it ends, then the planned steps are kept (the
-    first call of a step: the conditional branch under true CFG).
+    ran; each image's calls (of every DiT, in call order) are buffered until it ends, then each
+    DiT's planned steps are kept: the first call of a step (the conditional branch under CFG),
+    at the planned position within the steps that DiT ran.
     """
 
-    def __init__(self, pipe, transformer: nn.Module, plan: list[tuple[int, int]], steps: int) -> None:
-        self.transformer, self.plan, self.steps = transformer, plan, steps
+    def __init__(self, pipe, dits: dict[str, nn.Module], plan: list[tuple[int, int]], steps: int) -> None:
+        self.dits, self.plan, self.steps = dits, plan, steps
         self.others = [m for name, m in getattr(pipe, "components", {}).items()
-                       if isinstance(m, nn.Module) and m is not transformer]
+                       if isinstance(m, nn.Module) and all(m is not d for d in dits.values())]
         self.text_encoder = getattr(pipe, "text_encoder", None)
         self.text_calls: list[tuple[tuple, dict]] = []
         self.image = -1
         self.boundary = True
-        self.buffer: list[list] = []
+        self.buffer: list[list] = []  # [component, args, kwargs, output] per DiT call
         self.memo: dict[int, Any] = {}
         self.samples: list[Sample] = []
         self.calls: list[int] = []
+        self.missing = 0  # planned samples whose output was never seen
         self.handles: list = []
 
     def attach(self) -> None:
-        self.handles.append(self.transformer.register_forward_pre_hook(self._pre, with_kwargs=True))
-        self.handles.append(self.transformer.register_forward_hook(self._post))
+        for component, dit in self.dits.items():
+            self.handles.append(dit.register_forward_pre_hook(
+                lambda module, args, kwargs, c=component: self._pre(c, args, kwargs), with_kwargs=True))
+            self.handles.append(dit.register_forward_hook(self._post))
         for module in self.others:
             for sub in (module, *module.children()):
                 self.handles.append(sub.register_forward_pre_hook(self._other))
@@ -137,32 +155,44 @@ class _Recorder:
             memo: dict[int, Any] = {}
             self.text_calls.append((_copy(args, memo), _copy(kwargs, memo)))
 
-    def _pre(self, module, args, kwargs) -> None:
+    def _pre(self, component: str, args, kwargs) -> None:
         if self.boundary:
             self._finish_image()
             self.image += 1
             self.boundary = False
-        self.buffer.append([_copy(args, self.memo), _copy(kwargs, self.memo), None])
+        self.buffer.append([component, _copy(args, self.memo), _copy(kwargs, self.memo), None])
 
     def _post(self, module, args, output) -> None:
         if self.buffer:
-            self.buffer[-1][2] = first_tensor(output).detach().to("cpu", copy=True)
+            self.buffer[-1][3] = first_tensor(output).detach().to("cpu", copy=True)
 
     def _finish_image(self) -> None:
         if self.image < 0 or not self.buffer:
             return
         calls = len(self.buffer)
         self.calls.append(calls)
-        for image, step in self.plan:
-            if image == self.image:
-                args, kwargs, output = self.buffer[(step * calls) // self.steps]
-                if output is not None:
-                    self.samples.append(Sample(image, step, args, kwargs, output))
+        per_step = max(1, calls // self.steps)  # 2 under CFG: a conditional and an unconditional call
+        for component in self.dits:
+            mine = [entry for entry in self.buffer if entry[0] == component]
+            own_steps = len(mine) // per_step
+            if not own_steps:
+                continue  # this DiT ran no step of this image
+            for image, step in self.plan:
+                if image == self.image:
+                    _, args, kwargs, output = mine[((step * own_steps) // self.steps) * per_step]
+                    if output is None:
+                        self.missing += 1
+                    else:
+                        self.samples.append(Sample(image, step, args, kwargs, output, component))
         self.buffer, self.memo = [], {}
 
     def trajectory(self, images: int, record_calls: int = 0) -> Trajectory | None:
-        """The trajectory when every planned sample was seen with one call count per image."""
-        if len(self.samples) != len(self.plan) or not self.calls or len(set(self.calls)) != 1:
+        """The trajectory when every planned sample of every DiT that ran was seen, with one call
+        count per image."""
+        if self.missing or not self.samples or not self.calls or len(set(self.calls)) != 1:
+            return None
+        seen = {s.component for s in self.samples}
+        if len(self.samples) != len(self.plan) * len(seen):
             return None
         return Trajectory(self.samples, self.calls[0], images, self.steps, record_calls,
                           self.text_calls)
@@ -223,8 +253,9 @@ def _save(directory: Path, traj: Trajectory) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     try:
-        samples = [dict(image=s.image, step=s.step, args=_encode(s.args, tensors),
-                        kwargs=_encode(s.kwargs, tensors), output=_encode(s.output, tensors))
+        samples = [dict(image=s.image, step=s.step, component=s.component,
+                        args=_encode(s.args, tensors), kwargs=_encode(s.kwargs, tensors),
+                        output=_encode(s.output, tensors))
                    for s in traj.samples]
         text_calls = [[_encode(a, tensors), _encode(k, tensors)] for a, k in traj.text_calls]
     except _Unserializable:
@@ -266,7 +297,7 @@ def _load(directory: Path) -> Trajectory | None:
         tensors = load_file(str(path))
         tensors.update({alias: tensors[name] for alias, name in meta["aliases"].items()})
         samples = [Sample(s["image"], s["step"], _decode(s["args"], tensors),
-                          _decode(s["kwargs"], tensors), _decode(s["output"], tensors))
+                          _decode(s["kwargs"], tensors), _decode(s["output"], tensors), s["component"])
                    for s in meta["samples"]]
         text_calls = [(_decode(a, tensors), _decode(k, tensors)) for a, k in meta["text_calls"]]
         return Trajectory(samples, int(meta["calls_per_image"]), int(meta["images"]),
@@ -294,8 +325,8 @@ def capture_trajectory(loaded, spec) -> Iterator[None]:
     if cached_trajectory(loaded, spec) is not None:
         yield
         return
-    recorder = _Recorder(loaded.pipe, loaded.transformer,
-                         sample_plan(spec.steps, len(spec.items())), spec.steps)
+    recorder = _Recorder(loaded.pipe, loaded.dits, sample_plan(spec.steps, len(spec.items())),
+                         spec.steps)
     recorder.attach()
     try:
         yield
@@ -320,7 +351,7 @@ def record_trajectory(session) -> Trajectory:
     if traj is not None:
         return traj
     plan = sample_plan(spec.steps, len(spec.items()))
-    recorder = _Recorder(session.loaded.pipe, session.loaded.transformer, plan, spec.steps)
+    recorder = _Recorder(session.loaded.pipe, session.loaded.dits, plan, spec.steps)
     session.engine.apply(None)
     recorder.attach()
     try:

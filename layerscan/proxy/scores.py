@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import torch
 
 from layerscan.fp8 import fp8_linear, quantize_per_tensor
-from layerscan.layers import MAIN, qualify
+from layerscan.layers import qualify
 from layerscan.profiles import W8A8
 from layerscan.proxy.capture import (
     PROXY_FORMAT, cache_dir, first_tensor, map_tensors, record_trajectory,
@@ -77,26 +77,38 @@ class Proxies:
         except OSError:
             pass
 
-    def _replay(self) -> list[torch.Tensor]:
+    def dit_components(self) -> list[str]:
+        """The quantized W8A8 DiTs with recorded samples: the DiT, and Wan 2.2's second expert."""
+        index = self.session.loaded.index
+        return [c for c in self.trajectory.components
+                if c in index.components and index.method(c) == W8A8]
+
+    def _samples(self, components: Sequence[str] | None) -> list:
+        chosen = self.dit_components() if components is None else components
+        return [s for s in self.trajectory.samples if s.component in chosen]
+
+    def _replay(self, samples: list) -> list[torch.Tensor]:
+        """Each sample's DiT called on its recorded inputs, in the engine's current state."""
         device = self.session.loaded.device
-        transformer = self.session.loaded.transformer
+        dits = self.session.loaded.dits
         outputs = []
         with torch.inference_mode():
-            for s in self.trajectory.samples:
-                out = transformer(*map_tensors(s.args, lambda t: t.to(device)),
-                                  **map_tensors(s.kwargs, lambda t: t.to(device)))
+            for s in samples:
+                out = dits[s.component](*map_tensors(s.args, lambda t: t.to(device)),
+                                        **map_tensors(s.kwargs, lambda t: t.to(device)))
                 outputs.append(first_tensor(out))
         return outputs
 
     def layer_local(self) -> dict[str, float]:
         """Relative FP8 error of every quantizable W8A8 layer, qualified name -> error.
 
-        DiT layers from replaying the recorded DiT calls, text-encoder layers from replaying
-        the recorded text-encoder calls; each on its own BF16 input, all at once.  The two are
-        not on one scale (their errors reach the picture through different paths): strategies
-        compare scores within a component.
+        DiT layers from replaying each DiT's recorded calls (both experts of Wan 2.2, each on
+        its own samples), text-encoder layers from replaying the recorded text-encoder calls;
+        each on its own BF16 input, all at once.  DiT and text encoder are not on one scale
+        (their errors reach the picture through different paths): strategies compare scores
+        within a component.
         """
-        n = len(self.trajectory.samples)
+        n = len(self._samples(None))
         if self._scores["layer_local"] is not None:
             self.cost.calls += LAYER_LOCAL_CALLS * n
             self.cost.cached_calls += LAYER_LOCAL_CALLS * n
@@ -105,7 +117,10 @@ class Proxies:
         loaded = self.session.loaded
         # Everything in BF16 through the public switch: each layer sees its BF16 input.
         self.session.engine.apply([qualify(c, "") for c in loaded.index.components])
-        scores = self._measure(MAIN, self._replay)
+        scores = {}
+        for component in self.dit_components():
+            samples = self._samples([component])
+            scores.update(self._measure(component, lambda: self._replay(samples)))
         if "text_encoder" in loaded.index.components and loaded.index.method("text_encoder") == W8A8 \
                 and self.trajectory.text_calls:
             scores.update(self._measure("text_encoder", self._replay_text_encoder))
@@ -157,10 +172,13 @@ class Proxies:
                 handle.remove()
         return {name: relative_error(e, r) for name, (e, r) in sums.items()}
 
-    def end_to_end(self, kept: Sequence[str]) -> float:
-        """Relative error of the DiT output with ``kept`` in BF16 and every other layer in FP8."""
-        key = "|".join(sorted(kept))
-        n = len(self.trajectory.samples)
+    def end_to_end(self, kept: Sequence[str], components: Sequence[str] | None = None) -> float:
+        """Relative error of the DiT output with ``kept`` in BF16 and every other layer in FP8,
+        over the samples of ``components`` (default: every quantized DiT's).  Ranking one expert's
+        groups, the samples of that expert alone: the other expert's error would only dilute."""
+        samples = self._samples(components)
+        key = "|".join(sorted(kept)) + ("" if components is None else "@" + ",".join(sorted(components)))
+        n = len(samples)
         self.cost.calls += n
         if key in self._scores["e2e"]:
             self.cost.cached_calls += n
@@ -168,7 +186,7 @@ class Proxies:
         start = time.perf_counter()
         self.session.engine.apply(list(kept))
         error = reference = 0.0
-        for out, s in zip(self._replay(), self.trajectory.samples):
+        for out, s in zip(self._replay(samples), samples):
             ref = s.output.to(out.device).float()
             error += float((out.float() - ref).pow(2).sum())
             reference += float(ref.pow(2).sum())

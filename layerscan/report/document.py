@@ -1,4 +1,5 @@
-"""Write a run's full report directory: the outputs, the charts, the image grid and report.md.
+"""Write a run's full report directory: the outputs, the charts, the image grid (frame strips
+for videos) and report.md.
 
 Every number comes from the run's ledger and session; every image from the evaluations
 themselves (``TrialLedger.images_of``), so writing the report generates nothing that was
@@ -18,7 +19,7 @@ from layerscan.evaluate import TrialRecord
 from layerscan.generate import FLOOR_VARIANTS, save_png
 from layerscan.metrics import METRICS
 from layerscan.report.outputs import quantization_configs, serve_flag, trials_frame, write_recommendation
-from layerscan.report.plots import format_bytes, image_grid, pareto_chart, sensitivity_chart
+from layerscan.report.plots import format_bytes, frame_strips, image_grid, pareto_chart, sensitivity_chart, strip_frames
 from layerscan.report.proxy_section import report_section as proxy_report_section
 from layerscan.report.table import HEADERS, column_keys, render_row, table_row
 from layerscan.runner import RunOutcome
@@ -53,9 +54,15 @@ def _status(r: TrialRecord) -> str:
     return status
 
 
-def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended, floor) -> str:
+def _output_word(session: Session) -> str:
+    """What one generation makes, for the report's wording: ``video`` or ``image``."""
+    return "video" if session.loaded.video else "image"
+
+
+def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended, floor,
+                    output: str = "image") -> str:
     head = ["configuration"] + [f"{m} mean [95 % CI] / worst" for m in metrics] + [
-        "weights", "BF16 kept", "s/img", "status"]
+        "weights", "BF16 kept", "s/video" if output == "video" else "s/img", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if floor is not None and floor.mean:
         cells = ["*noise floor* (BF16 vs BF16)"] + [
@@ -70,6 +77,14 @@ def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended,
                   f"{r.seconds_per_image:.3f}" if r.seconds_per_image else "—", _status(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _outputs_text(session: Session) -> str:
+    """``8 images``, or ``8 videos of 81 frames`` (the count the pipeline returned)."""
+    count = len(session.spec.items())
+    if not session.loaded.video:
+        return f"{count} images"
+    return f"{count} videos of {session.baseline.images[0].shape[0]} frames"
 
 
 def display_name(session: Session) -> str:
@@ -127,8 +142,9 @@ def _summary(record: TrialRecord | None) -> dict | None:
 
 
 def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) -> str | None:
-    """The image grid (BF16, FP8 everywhere, recommended, with difference maps) and the images
-    behind it in ``images/``, taken from the evaluations."""
+    """The image grid (BF16, FP8 everywhere, recommended, with difference maps), or for a video
+    pipeline the frame strips of the same clips, and the outputs behind it in ``images/`` (a
+    video as one PNG of its frames side by side), taken from the evaluations."""
     ledger, spec = outcome.ledger, session.spec
     rows = list(range(min(GRID_PROMPTS, len(spec.items()))))
     columns = [("BF16", None)]
@@ -149,6 +165,9 @@ def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) 
     items = spec.items()
     grid_rows = [(f"{items[i][1]} (seed {items[i][2]})", [(t, found[t][i]) for t, _ in columns])
                  for i in rows]
+    if session.loaded.video:
+        frame_strips(grid_rows, out_dir / "frames.png")
+        return "frames.png"
     image_grid(grid_rows, out_dir / "images.png")
     return "images.png"
 
@@ -176,7 +195,8 @@ def _verdict(session: Session, record: TrialRecord | None) -> str:
     if record.status == "failed":
         return f"failed ({record.error})"
     if record.status == "stopped":
-        return f"fails (proven after {len(record.per_prompt)}/{len(session.spec.items())} images)"
+        return (f"fails (proven after {len(record.per_prompt)}/{len(session.spec.items())} "
+                f"{_output_word(session)}s)")
     return "passes" if record.passes else "fails"
 
 
@@ -280,6 +300,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
     if loaded.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(loaded.device)})"
     cost = _cost(outcome)
+    output = _output_word(session)
     index = loaded.index
     components = ", ".join(
         f"{profile.component(c).title} ({len(index.of(c))} layers, "
@@ -290,7 +311,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
             f"`{profile.name}` under the `{profile.scheme}` scheme: quantized {components}; "
             f"`ignored_layers` matched {profile.match}ly by the target.",
             f"- Prompts: {len(session.spec.prompts)} × seeds {list(session.spec.seeds)} = "
-            f"{len(session.spec.items())} images; {session.spec.steps} steps, "
+            f"{_outputs_text(session)}; {session.spec.steps} steps, "
             f"{session.spec.width}x{session.spec.height}, guidance {session.spec.guidance:g}.",
             f"- Criterion: {crit.describe()} "
             f"{'(each picture against its prompt)' if crit.metric == 'accuracy' else 'against the BF16 baseline'}; "
@@ -301,7 +322,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
             f"({outcome.new_evaluations} evaluated in this invocation), stopped: {outcome.stop_reason}.",
             f"- Device: {device}, torch {torch.__version__}, {platform.machine()}; "
             f"activation scaling per {study.activation_scheme}; times are "
-            f"{bf16.execution_mode} mode (median seconds per image; BF16's measured while the "
+            f"{bf16.execution_mode} mode (median seconds per {output}; BF16's measured while the "
             "baseline was generated); weights "
             f"{'resident in BF16 and FP8' if session.engine.residency == 'both' else 're-quantized on every switch (both copies do not fit)'}.",
             ""]
@@ -348,7 +369,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
     out += ["## Ablation", "",
             "Every configuration on record, BF16 reference first. Weights are exact analytic "
             "bytes (FP8 weights + float32 scales, the rest BF16) over all components.", "",
-            _ablation_table(outcome.records, session.metrics, rec, session.floor), ""]
+            _ablation_table(outcome.records, session.metrics, rec, session.floor, output), ""]
     if outcome.pareto:
         out += ["Pareto front (quality loss vs BF16-kept bytes): " +
                 "; ".join(describe(r.config) for r in outcome.pareto), ""]
@@ -357,17 +378,25 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
             f"({cost['stopped_early']} stopped early once their prompts proved a failure)"
             + (f"; proxies {cost['proxy_cost_full_evaluations']:.3f}" if "proxy_cost_full_evaluations"
                in cost else "")
-            + f"; the report generated {cost['report_generated_images']} image(s) no evaluation had made.", ""]
+            + f"; the report generated {cost['report_generated_images']} {output}(s) no evaluation had made.", ""]
     out += proxy_report_section(outcome.notes, outcome.records, crit)
     for title, name in charts:
         out += [f"## {title}", "", f"![{title}]({name})", ""]
-    if grid:
+    if grid and loaded.video:
+        frames = session.baseline.images[0].shape[0]
+        out += ["## Videos", "", "BF16, FP8 everywhere and the recommended configuration as rows of "
+                f"frames (frames {', '.join(map(str, strip_frames(frames)))} of {frames}), each "
+                "FP8 row followed by its absolute-difference heat maps against BF16. Every frame is "
+                "scored: the metrics are means over all frames, and `temporal` is the flicker FP8 "
+                "adds from frame to frame.", "", f"![frames]({grid})", ""]
+    elif grid:
         out += ["## Images", "", "BF16, FP8 everywhere and the recommended configuration, with "
                 "absolute-difference heat maps against BF16.", "", f"![images]({grid})", ""]
     out += ["## Files", "", "- `recommendation.json`: the config to paste, with its numbers",
             "- `row.md`: the supported-models table row", "- `trials.csv`: every configuration",
             "- `trials.jsonl`: the resumable record a rerun continues from",
-            "- `images/`: the images in the grid"]
+            "- `images/`: the clips in the figure, each one PNG of all its frames side by side"
+            if loaded.video else "- `images/`: the images in the grid"]
     if outcome.storage:
         out += [f"- Optuna study `{_redact(outcome.storage)}` (open with optuna-dashboard)"]
     return "\n".join(out) + "\n"

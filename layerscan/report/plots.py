@@ -1,4 +1,5 @@
-"""The report's figures: per-group sensitivity, the size/quality Pareto chart, image grids.
+"""The report's figures: per-group sensitivity, the size/quality Pareto chart, image grids and,
+for videos, frame strips.
 
 Everything is drawn headless (Agg) straight to PNG so the report can be built on a GPU box with
 no display.  Chart functions return False instead of drawing an empty or misleading figure when
@@ -27,10 +28,12 @@ if TYPE_CHECKING:  # only named in annotations
     from layerscan.evaluate import TrialRecord
     from layerscan.layers import Group
 
-__all__ = ["format_bytes", "image_grid", "pareto_chart", "sensitivity_chart"]
+__all__ = ["format_bytes", "frame_strips", "image_grid", "pareto_chart", "sensitivity_chart",
+           "strip_frames"]
 
 DPI = 100
 _GRID_PIXELS = 400_000  # image pixels per grid: about 1 MB of PNG at worst
+STRIP_FRAMES = 8  # frames shown per clip: evenly spaced, first and last included
 _UNITS = ("B", "KB", "MB", "GB", "TB")
 _GOOD, _BAD, _MUTED, _FRONT = "#2a9d8f", "#e76f51", "#8d99ae", "#264653"
 
@@ -243,6 +246,95 @@ def image_grid(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], path: Path,
     if heat is not None:
         top, bottom = 1 - title_h / height, 0.1 / height
         cax = fig.add_axes((1 - (cbar_w - 0.15) / width, bottom, 0.15 / width, top - bottom))
+        fig.colorbar(heat, cax=cax).set_label("|difference| (0-255)", fontsize=8)
+        cax.tick_params(labelsize=7)
+    _save(fig, path)
+
+
+def strip_frames(count: int, shown: int = STRIP_FRAMES) -> list[int]:
+    """Indices of ``shown`` evenly spaced frames of a ``count``-frame clip, first and last
+    included (every frame when there are no more than ``shown``)."""
+    if count <= shown:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (shown - 1)) for i in range(shown)})
+
+
+def _strip(frames: list[np.ndarray], gap: int, fill: float) -> np.ndarray:
+    """Frames side by side with ``gap`` columns of ``fill`` between them."""
+    height = frames[0].shape[0]
+    spacer = np.full((height, gap) + frames[0].shape[2:], fill, dtype=np.float32)
+    pieces = []
+    for k, frame in enumerate(frames):
+        pieces += ([spacer] if k else []) + [frame.astype(np.float32)]
+    return np.concatenate(pieces, axis=1)
+
+
+def frame_strips(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], path: Path,
+                 diff_against: int = 0, shown: int = STRIP_FRAMES) -> None:
+    """Videos as rows of frames: per prompt, one strip per column (BF16, FP8 everywhere, the
+    recommendation), then one strip of |difference| heat maps per column against ``diff_against``.
+
+    The video counterpart of ``image_grid``, with the same row format (``(prompt, [(title,
+    TxHxWx3 video), ...])``): a clip read as a row of frames shows where along it FP8 drifts,
+    which one frame cannot.  The heat maps share one colour scale across the figure.
+    """
+    if not rows or not rows[0][1]:
+        raise ValueError("frame_strips needs at least one row with one video")
+    titles = [title for title, _ in rows[0][1]]
+    n = len(titles)
+    if any(len(videos) != n for _, videos in rows):
+        raise ValueError("every row of frame_strips must have the same number of videos")
+    if not 0 <= diff_against < n:
+        raise ValueError(f"diff_against={diff_against} is not a column index (0..{n - 1})")
+    others = [j for j in range(n) if j != diff_against]
+    reference = np.asarray(rows[0][1][diff_against][1])
+    if reference.ndim != 4:
+        raise ValueError(f"frame_strips takes TxHxWx3 videos, got shape {reference.shape}")
+    picked = strip_frames(reference.shape[0], shown)
+    height, width = reference.shape[1:3]
+    gap = max(1, width // 16)
+
+    strips: list[tuple[str, np.ndarray, bool]] = []  # (label, strip, is a heat map)
+    vmax = 1.0
+    for prompt, videos in rows:
+        ref = np.asarray(videos[diff_against][1], dtype=np.int16)
+        for j, (title, video) in enumerate(videos):
+            if np.shape(video) != ref.shape:
+                raise ValueError(f"{prompt!r}: {title!r} is {np.shape(video)}, "
+                                 f"{titles[diff_against]!r} is {ref.shape}; cannot diff")
+            label = (textwrap.fill(textwrap.shorten(prompt, 60, placeholder="…"), 30) + f"\n{title}"
+                     if j == 0 else title)
+            strips.append((label, _strip([video[t] / 255.0 for t in picked], gap, 1.0), False))
+        for j in others:
+            diffs = [np.abs(np.asarray(videos[j][1][t], np.int16) - ref[t]).mean(axis=2) for t in picked]
+            vmax = max([vmax] + [float(d.max()) for d in diffs])
+            strips.append((f"|{_short(titles[j], 14)} − {_short(titles[diff_against], 14)}|",
+                           _strip(diffs, gap, np.nan), True))
+
+    # Cells shrink as the figure grows, to keep it near image_grid's pixel budget.
+    cell = float(np.clip(math.sqrt(_GRID_PIXELS / (len(strips) * len(picked))), 64, 160)) / DPI
+    row_h = cell * height / max(height, width)
+    strip_w = cell * len(picked) * width / max(height, width)
+    label_w, cbar_w, title_h = 1.9, 0.9, 0.45
+    fig_w, fig_h = label_w + strip_w + cbar_w, title_h + len(strips) * (row_h + 0.04) + 0.1
+    fig, axes = plt.subplots(len(strips), 1, figsize=(fig_w, fig_h), squeeze=False)
+    fig.subplots_adjust(left=label_w / fig_w, right=1 - cbar_w / fig_w, top=1 - title_h / fig_h,
+                        bottom=0.1 / fig_h, hspace=0.04 / row_h)
+    cmap = plt.get_cmap("magma").with_extremes(bad="white")  # the gaps between heat maps
+    heat = None
+    for ax, (label, strip, is_heat) in zip(axes[:, 0], strips):
+        interp = "nearest" if strip.shape[0] <= row_h * DPI else "antialiased"
+        if is_heat:
+            heat = ax.imshow(strip, cmap=cmap, vmin=0, vmax=vmax, interpolation=interp)
+        else:
+            ax.imshow(np.clip(strip, 0.0, 1.0), interpolation=interp)
+        ax.set_axis_off()
+        ax.text(-0.01, 0.5, label, transform=ax.transAxes, ha="right", va="center", fontsize=7)
+    count = reference.shape[0]
+    axes[0, 0].set_title(f"frames {', '.join(str(t) for t in picked)} of {count}", fontsize=8)
+    if heat is not None:
+        top, bottom = 1 - title_h / fig_h, 0.1 / fig_h
+        cax = fig.add_axes((1 - (cbar_w - 0.15) / fig_w, bottom, 0.15 / fig_w, top - bottom))
         fig.colorbar(heat, cax=cax).set_label("|difference| (0-255)", fontsize=8)
         cax.tick_params(labelsize=7)
     _save(fig, path)

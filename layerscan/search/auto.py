@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 
 from layerscan.engine import describe
-from layerscan.layers import MAIN, Group
+from layerscan.layers import Group
 from layerscan.proxy.scores import Proxies
 from layerscan.search.base import SearchContext, Strategy
 from layerscan.search.greedy import GreedyStrategy
@@ -130,15 +130,16 @@ class AutoStrategy(Strategy):
         order: list[Group] = []
         first = 0
         e2e: dict[str, float] = {}
+        dits = self.proxies.dit_components()  # DiTs with recorded calls: both Wan experts
         for position, component in enumerate(components):
             mine = sorted((p for p in parts if p.component == component), key=lambda p: -scores[p.pattern])
             top = scores[mine[0].pattern]
-            if component == MAIN:
+            if component in dits:
                 contenders = [p for p in mine[:E2E_TOP] if top > 0 and scores[p.pattern] * CONTENTION >= top]
                 if len(contenders) > 1:
                     for part in contenders:
                         e2e[part.pattern] = self.proxies.end_to_end(self.evaluate.patterns(
-                            {n for p in rest + [part] for n in p.layers}))
+                            {n for p in rest + [part] for n in p.layers}), [component])
                     ranked = sorted(contenders, key=lambda p: e2e[p.pattern])
                     mine = ranked + [p for p in mine if p not in contenders]
                     self.log.append("end-to-end proxy ranked the contenders: " + ", ".join(
