@@ -17,7 +17,7 @@ import torch
 
 from layerscan.engine import Fp8Engine, Ignored, describe, normalize
 from layerscan.errors import NonFiniteOutput
-from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png
+from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png, typical_seconds
 from layerscan.metrics import METRICS, Scorer, summarize
 from layerscan.stats import bootstrap_ci, one_sided_bound
 from layerscan.study import Criterion
@@ -211,8 +211,8 @@ def evaluate(
     prompts = [prompt for _, prompt, _ in spec.items()]
     _peak_reset(loaded.device)
     try:
-        for index, image, elapsed in iter_images(loaded, spec, start=len(record.per_prompt)):
-            seconds.append(elapsed)
+        for index, image, elapsed, compiled in iter_images(loaded, spec, start=len(record.per_prompt)):
+            seconds.append((elapsed, compiled))
             record.per_prompt.append(scorer.score_output(image, baseline.images[index], prompts[index]))
             if image_dir is not None:
                 save_png(image, image_dir / spec.image_name(index))
@@ -229,8 +229,8 @@ def evaluate(
     except RuntimeError as exc:
         record.status, record.error = "failed", failure_message(exc)
     record.peak_memory_bytes = _peak(loaded.device)
-    # The median: a configuration's first image may include compilation when compiled.
-    record.seconds_per_image = float(np.median(seconds)) if seconds else (
+    # Images that compiled a graph are left out: their seconds are compilation, not FP8.
+    record.seconds_per_image = typical_seconds(seconds) if seconds else (
         resume.seconds_per_image if resume is not None else None)
     if record.per_prompt and record.status != "failed":
         summarize_record(record)

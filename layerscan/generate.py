@@ -115,17 +115,33 @@ def generate_image(loaded: LoadedPipeline, spec: GenerationSpec, prompt: str, se
     return (np.clip(output, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def iter_images(
     loaded: LoadedPipeline, spec: GenerationSpec, start: int = 0
-) -> Iterator[tuple[int, np.ndarray, float]]:
-    """Yield (index, image, seconds) per image from index ``start`` on, so callers can stop
-    early, resume, or show progress."""
+) -> Iterator[tuple[int, np.ndarray, float, bool]]:
+    """Yield (index, image, seconds, compiled) per image from index ``start`` on, so callers
+    can stop early, resume, or show progress; ``compiled``: torch.compile built a graph while
+    this image was generated, so its seconds include compilation."""
     for index, prompt, seed in spec.items()[start:]:
+        graphs = _graphs_compiled()
         synchronize(loaded.device)
-        start = time.perf_counter()
+        began = time.perf_counter()
         image = generate_image(loaded, spec, prompt, seed)
         synchronize(loaded.device)
-        yield index, image, time.perf_counter() - start
+        yield index, image, time.perf_counter() - began, _graphs_compiled() != graphs
+
+
+def typical_seconds(timings: list[tuple[float, bool]]) -> float | None:
+    """Median seconds per image over the images that compiled nothing (all, if every one did):
+    what an image costs once the configuration's graphs exist, as users running it would see."""
+    steady = [seconds for seconds, compiled in timings if not compiled]
+    chosen = steady or [seconds for seconds, _ in timings]
+    return float(np.median(chosen)) if chosen else None
 
 
 FRAMES_KEY = "layerscan-frames"  # PNG text chunk: the frame count of a video strip
@@ -182,6 +198,7 @@ def baseline_key(loaded: LoadedPipeline, spec: GenerationSpec) -> str:
         device += ":" + torch.cuda.get_device_name(loaded.device)
     fields = dict(format=BASELINE_FORMAT, model=loaded.model, content=loaded.fingerprint,
                   spec=asdict(spec), dtype=str(loaded.dtype), device=device,
+                  vae_dtype=str(loaded.vae.dtype) if loaded.vae is not None else None,
                   image=_sha256(Path(spec.image)) if spec.image else None,
                   torch=torch.__version__, diffusers=diffusers.__version__)
     if getattr(loaded.transformer, "_layerscan_compiled", False):
@@ -288,12 +305,12 @@ def _load_verified(directory: Path, key: str, count: int) -> Baseline | None:
 def _generate_all(loaded: LoadedPipeline, spec: GenerationSpec, tmp: Path, prefix: str,
                   on_image: Callable[[int, float], None] | None):
     images, files, seconds = [], [], []
-    for index, image, elapsed in iter_images(loaded, spec):
+    for index, image, elapsed, compiled in iter_images(loaded, spec):
         name = prefix + spec.image_name(index)
         save_png(image, tmp / name)
         images.append(image)
         files.append((name, _sha256(tmp / name)))
-        seconds.append(elapsed)
+        seconds.append((elapsed, compiled))
         if on_image:
             on_image(index, elapsed)
     return images, files, seconds
@@ -336,7 +353,7 @@ def load_or_build_baseline(
                     loaded, spec, tmp, f"floor-{variant}-", on_image)
         created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest = dict(key=key, model=loaded.model, spec=asdict(spec), files=files,
-                        floor=floor_files, seconds_per_image=float(np.median(seconds)),
+                        floor=floor_files, seconds_per_image=typical_seconds(seconds),
                         peak_memory_bytes=peak, created_at=created)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if directory.exists():
