@@ -187,8 +187,32 @@ def load_pipeline(
     pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    return wrap_pipeline(pipe, model, path, fingerprint_dir(path), device, dtype, profile, scheme,
-                         components, match)
+    loaded = wrap_pipeline(pipe, model, path, fingerprint_dir(path), device, dtype, profile, scheme,
+                           components, match)
+    if device.type == "cpu" and loaded.vae is not None and loaded.profile.component("vae") is None:
+        # CPUs without BF16 units run BF16 convolutions through a slow reference kernel (the
+        # demo's 64x64 decode: 4.5 s in BF16, 0.05 s in FP32).  A VAE the scheme does not
+        # quantize is outside the FP8 question and shared by every configuration and the
+        # baseline, so on the CPU it decodes in FP32; the baseline key records it.
+        _run_in_fp32(loaded.vae)
+    return loaded
+
+
+def _run_in_fp32(vae: nn.Module) -> None:
+    """Cast ``vae`` to FP32 and its encode/decode inputs with it: some pipelines (FLUX.1) hand
+    the VAE latents in the transformer's dtype without casting them to the VAE's."""
+    vae.to(torch.float32)
+    for name in ("encode", "decode"):
+        method = getattr(vae, name, None)
+        if method is None:
+            continue
+
+        def in_fp32(x, *args, _method=method, **kwargs):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                x = x.to(torch.float32)
+            return _method(x, *args, **kwargs)
+
+        setattr(vae, name, in_fp32)
 
 
 def is_video_pipeline(pipe) -> bool:
