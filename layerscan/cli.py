@@ -189,7 +189,8 @@ def cmd_run(args) -> int:
         if len(answer) > 300:
             answer = answer[:300] + f"... (in full in {out / 'recommendation.json'})"
     print(f"recommended ({describe(rec.config) if rec else 'none'}): quantization_config={answer}")
-    print(f"{outcome.ledger.fp8_on_record()} FP8 configurations on record "
+    # Every process's records count (a shared study's workers included), as in the report.
+    print(f"{outcome.ledger.cost()['configurations']} FP8 configurations on record "
           f"({outcome.new_evaluations} evaluated now); report: {path}")
     if outcome.stop_reason == "interrupted":
         print(INTERRUPTED_MESSAGE, file=sys.stderr)

@@ -20,7 +20,8 @@ the storage is then the only shared truth:
   whose heartbeat stops; the next process to start a trial fails it and queues one retry
   (``RetryHeartbeatStaleTrialCallback(max_retry=1)``), and nobody finishes before every
   running trial has been resolved.
-- The trial budget (``max_trials``) counts configurations evaluated in the whole study.
+- The trial budget (``max_trials``) counts configurations evaluated in the whole study, and
+  what the run measured before the search (the attribution) that the groups cannot express.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ CONFIG_ATTR = "layerscan:config"  # canonical configuration key, declared before
 RECORD_ATTR = "layerscan:record"  # the TrialRecord of an evaluation made by this trial (or None)
 WORKER_ATTR = "layerscan:worker"  # {"worker": label, "host": ..., "pid": ...}
 DUPLICATE_ATTR = "layerscan:duplicate"  # pruned because another trial owns the configuration
+# Study user attribute: the evaluations the search itself may make, set by the study's creator
+# (the run's budget less what it measured before the search that the groups cannot express).
+BUDGET_ATTR = "layerscan:search_budget"
 
 DEFAULT_HEARTBEAT_S = 30
 GRACE_FACTOR = 4  # a trial is stale after GRACE_FACTOR heartbeats without a beat
@@ -202,6 +206,8 @@ class OptunaStrategy(Strategy):
             study.set_metric_names(METRIC_NAMES)
         for key, value in share.study_attrs.items():
             study.set_user_attr(key, value)
+        outside = self._publish_known(study, ctx)
+        study.set_user_attr(BUDGET_ATTR, max(0, ctx.max_trials - outside))
         self._enqueue_seeds(study, ctx)
         return study
 
@@ -213,13 +219,14 @@ class OptunaStrategy(Strategy):
             share.on_ready(ctx.study_name, ctx.storage)
         patterns = [g.pattern for g in ctx.groups]
         total = 2 ** len(patterns)
-        cap = max(3 * ctx.max_trials, ctx.max_trials + 50)  # trials, duplicates included
+        budget = study.user_attrs.get(BUDGET_ATTR, ctx.max_trials)
+        cap = max(3 * budget, budget + 50)  # trials, duplicates included
         rng = random.Random(f"{ctx.seed}-{share.seed_offset}-{share.pid}")
         self._stop_reason = None
 
         def done() -> bool:
             state = progress(study, patterns)
-            return (len(state.evaluated) >= min(ctx.max_trials, total) or len(state.taken) >= total
+            return (len(state.evaluated) >= min(budget, total) or len(state.taken) >= total
                     or state.trials >= cap)
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -248,16 +255,16 @@ class OptunaStrategy(Strategy):
             verdict, other = self._claim(study, trial.number, key)
             if verdict == "recorded":
                 trial.set_user_attr("duplicate_of", other.number)
-                self._enqueue_neighbour(study, patterns, key, rng, ctx.max_trials)
+                self._enqueue_neighbour(study, patterns, key, rng, budget)
                 record = TrialRecord.from_dict(record_of(other))
                 return self._values(trial, judge(record, ctx.criterion), ctx)
             if verdict == "owned":
                 set_sys(DUPLICATE_ATTR, True)
                 trial.set_user_attr("duplicate_of", other.number)
-                self._enqueue_neighbour(study, patterns, key, rng, ctx.max_trials)
+                self._enqueue_neighbour(study, patterns, key, rng, budget)
                 raise optuna.TrialPruned(f"trial {other.number} evaluates this configuration")
             if not retry and len(progress(study, patterns, before=trial.number).taken
-                                 - {key}) >= ctx.max_trials:
+                                 - {key}) >= budget:
                 set_sys(DUPLICATE_ATTR, True)  # not evaluated: the budget is spent
                 trial.set_user_attr("skipped", "budget")
                 study.stop()
@@ -383,6 +390,40 @@ class OptunaStrategy(Strategy):
             trial.set_user_attr("error", (record.error or "failed")[:200])
             raise TrialFailed(record.error or "failed")
         return ctx.loss(record), float(record.bf16_kept_bytes)
+
+    def _publish_known(self, study: optuna.Study, ctx: SearchContext) -> int:
+        """Put what the run measured before the search (the attribution, an earlier strategy's
+        records) into the study as finished trials, so no worker of a shared study evaluates a
+        configuration this process already has; the budget counts them, as the ledger does."""
+        patterns = [g.pattern for g in ctx.groups]
+        recorded = {t.system_attrs.get(CONFIG_ATTR) for t in study.get_trials(deepcopy=False)
+                    if record_of(t) is not None}
+        distributions = {PARAM_PREFIX + p: optuna.distributions.CategoricalDistribution([False, True])
+                         for p in patterns}
+        share = self.sharing or Sharing()
+        outside = 0
+        for record in ctx.ledger.records():
+            if record.config is None:
+                continue
+            if not set(record.config) <= set(patterns):
+                outside += 1  # e.g. a whole component in BF16 where the groups are its families
+                continue
+            key = config_key(record.config)
+            if key in recorded:
+                continue
+            failed = record.status == "failed"
+            study.add_trial(optuna.trial.create_trial(
+                params={PARAM_PREFIX + p: p in record.config for p in patterns},
+                distributions=distributions,
+                values=None if failed else [ctx.loss(record), float(record.bf16_kept_bytes)],
+                state=TrialState.FAIL if failed else TrialState.COMPLETE,
+                system_attrs={CONFIG_ATTR: key, RECORD_ATTR: record.to_dict(),
+                              WORKER_ATTR: {"worker": share.worker, "host": share.host,
+                                            "pid": share.pid}},
+                user_attrs={"worker": share.worker, "known_before_search": True,
+                            "ignored_layers": sorted(record.config)}))
+            recorded.add(key)
+        return outside
 
     def _enqueue_seeds(self, study: optuna.Study, ctx: SearchContext) -> None:
         patterns = [g.pattern for g in ctx.groups]
