@@ -261,7 +261,7 @@ def test_stopped_records_are_reused_only_while_they_prove_failure(family_session
     answer, _, _, outcome = _run(loose_session, out, "auto")
     assert answer == () and outcome.new_evaluations == 1
     fp8_all = next(r for r in outcome.records if r.config == ())
-    assert fp8_all.status == "complete" and len(fp8_all.per_prompt) == 2
+    assert fp8_all.status == "complete" and len(fp8_all.per_prompt) == len(family_session.spec.items())
 
 
 # --- trajectory and proxies ----------------------------------------------------------------------
@@ -285,10 +285,13 @@ def test_trajectory_replays_bit_for_bit_and_survives_the_cache(which, family_ses
         "tiny-flux", prompts, "tiny-flux", criterion_metric="psnr")
     _fresh_capture(session)
     traj = capture.cached_trajectory(session.loaded, session.spec)
-    assert traj is not None and len(traj.samples) == 1
+    images = len(session.spec.items())  # two prompts, two seeds
+    assert traj is not None and images == 4
+    assert [(s.image, s.step) for s in traj.samples] == capture.sample_plan(session.spec.steps, images)
+    assert len(traj.samples) == 2  # one per 8 (image, step) pairs
     expected_calls = 8  # both run true CFG here (a negative prompt): two DiT calls per step
     assert traj.calls_per_image == expected_calls
-    assert traj.full_evaluation_calls == expected_calls * 2
+    assert traj.full_evaluation_calls == expected_calls * images
     # From disk, in a fresh process's view: the same inputs and outputs.
     capture._MEMORY.clear()
     loaded = capture.cached_trajectory(session.loaded, session.spec)
@@ -300,7 +303,9 @@ def test_trajectory_replays_bit_for_bit_and_survives_the_cache(which, family_ses
     assert all(math.isfinite(v) and v >= 0 for v in local.values())
     assert proxies.end_to_end([]) > 0.0
     cost = proxies.describe_cost()
-    assert cost["calls"] == 1 + 2 + 1 and cost["full_evaluations"] == pytest.approx(4 / (2 * expected_calls))
+    # Two end-to-end replays and the layer-local pass (two calls), each over every sample.
+    assert cost["calls"] == (1 + 2 + 1) * len(traj.samples)
+    assert cost["full_evaluations"] == pytest.approx(cost["calls"] / traj.full_evaluation_calls)
     if which == "qwen":  # the planted family dominates the layer-local proxy
         scores = {g.pattern: proxies.score(g.layers) for g in session.loaded.index.groups("family")}
         assert max(scores, key=scores.get) == "img_mlp"

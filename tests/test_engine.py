@@ -139,7 +139,7 @@ def test_a_users_mistake_during_a_trial_is_raised_not_recorded(qwen, tmp_path):
     _, engine = qwen
     spec = replace(SPEC, image=str(tmp_path / "input.png"))  # Qwen-Image takes no input image
     with pytest.raises(UserError, match="takes no input image"):
-        evaluate(engine, [], spec, Baseline([], 0.0, tmp_path, False), Scorer(["psnr"]))
+        evaluate(engine, [], spec, Baseline([], 0.0, None, tmp_path, False), Scorer(["psnr"]))
     engine.apply(None)
 
 
