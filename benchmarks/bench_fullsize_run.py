@@ -23,6 +23,7 @@ layers do not fit side by side and the requantize residency runs at full size.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -41,8 +42,9 @@ PROMPTS = ("a red fox in fresh snow, morning light, photograph",
            "a bowl of ramen on a wooden table, steam, closeup")
 
 
-def build_pipeline(device: torch.device):
-    """Full-size Qwen-Image with random BF16 weights, created on ``device`` directly."""
+def build_pipeline(device: torch.device, smoke: bool = False):
+    """Full-size Qwen-Image with random BF16 weights, created on ``device`` directly (``smoke``:
+    the same classes at toy sizes, to test this script where no GPU is)."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -56,20 +58,32 @@ def build_pipeline(device: torch.device):
     try:
         with torch.device(device):
             torch.manual_seed(0)
-            transformer = QwenImageTransformer2DModel()
+            if smoke:
+                transformer = QwenImageTransformer2DModel(num_layers=2, attention_head_dim=16,
+                                                          num_attention_heads=2, joint_attention_dim=64,
+                                                          axes_dims_rope=(4, 6, 6))
+                text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3])
+            else:
+                transformer = QwenImageTransformer2DModel()
+                text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                            mrope_section=[16, 24, 24])
+            mrope = text.pop("mrope_section")
             config = Qwen2_5_VLConfig(
-                text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                 max_position_embeddings=128000,
+                text_config=dict(**text, max_position_embeddings=128000,
                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                  "mrope_section": [16, 24, 24]},
+                                                  "mrope_section": mrope},
                                  bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                                  pad_token_id=tokenizer.pad_token_id),
-                vision_config=dict(out_hidden_size=3584),
+                vision_config=dict(out_hidden_size=text["hidden_size"]) if not smoke else dict(
+                    depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                    out_hidden_size=64, fullatt_block_indexes=[0]),
                 image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
             text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-            vae = AutoencoderKLQwenImage()
+            vae = AutoencoderKLQwenImage(base_dim=16, dim_mult=[1, 2], num_res_blocks=1,
+                                         temperal_downsample=[False]) if smoke else AutoencoderKLQwenImage()
     finally:
         torch.set_default_dtype(default_dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(
@@ -93,26 +107,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-trials", type=int, default=4, help="FP8 configurations to evaluate")
     p.add_argument("--strategy", default="greedy")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: tests the script")
     args = p.parse_args(argv)
 
+    from layerscan.generate import synchronize
     from layerscan.pipeline import wrap_pipeline
     from layerscan.report.document import write_report
     from layerscan.runner import run_study
     from layerscan.session import open_session
     from layerscan.study import build_study
 
-    device = torch.device("cuda")
+    device = torch.device("cpu" if args.smoke else "cuda")
     if args.cap_gb:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total, device)
+        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total, torch.cuda.current_device())
     work = Path(tempfile.mkdtemp(prefix="layerscan-fullsize-"))
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:args.prompts]) + "\n")
     phases: dict[str, float] = {}
     wall = time.perf_counter()
     start = time.perf_counter()
-    pipe = build_pipeline(device)
-    torch.cuda.synchronize()
+    pipe = build_pipeline(device, args.smoke)
+    synchronize(device)
     phases["build"] = time.perf_counter() - start
     params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
               for name in ("transformer", "text_encoder", "vae")}
@@ -120,13 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     generation = {"seconds": 0.0, "images": 0}
     call = type(pipe).__call__
 
+    @functools.wraps(call)  # keeps the signature: layerscan reads it to find the CFG knob
     def timed(self, *a, **kw):  # every image generated, whatever generates it
-        torch.cuda.synchronize()
+        synchronize(device)
         t = time.perf_counter()
         try:
             return call(self, *a, **kw)
         finally:
-            torch.cuda.synchronize()
+            synchronize(device)
             generation["seconds"] += time.perf_counter() - t
             generation["images"] += 1
 
@@ -141,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     session = open_session(study, str(device), cache_root=work / "cache", loaded=loaded,
                            warn=lambda m: print(m, file=sys.stderr))
-    torch.cuda.synchronize()
+    synchronize(device)
     phases["baseline_and_floor"] = time.perf_counter() - start
     evaluations: list[dict] = []
     start = time.perf_counter()
     outcome = run_study(session, work / "report", study.strategy)
-    torch.cuda.synchronize()
+    synchronize(device)
     phases["search"] = time.perf_counter() - start
     start = time.perf_counter()
     write_report(session, outcome, work / "report")
@@ -162,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     fp8_all = next((r.seconds_per_image for r in outcome.records if r.config == ()), None)
     result = dict(
         command=" ".join(["python", "benchmarks/bench_fullsize_run.py", *(argv or sys.argv[1:])]),
-        device=torch.cuda.get_device_name(device), torch=torch.__version__, python=platform.python_version(),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__, python=platform.python_version(),
         mode=args.mode, cap_gb=args.cap_gb, residency=session.engine.residency, size=args.size,
         steps=args.steps, images_per_configuration=args.prompts, parameters=params,
         phases_s={k: round(v, 2) for k, v in phases.items()}, wall_s=round(wall, 2),
         generation_s=round(generation["seconds"], 2), images_generated=generation["images"],
         non_generation_share=round(1 - generation["seconds"] / wall, 4),
-        peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)),
+        peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         bf16_seconds_per_image=bf16, fp8_all_seconds_per_image=fp8_all,
         fp8_all_speedup=(bf16 / fp8_all) if bf16 and fp8_all else None,
         new_evaluations=outcome.new_evaluations, report_generated_images=outcome.ledger.report_generations,
