@@ -30,7 +30,7 @@ from layerscan.layers import Group
 from layerscan.search.base import SearchContext
 from layerscan.search.optuna_search import (
     CONFIG_ATTR, DUPLICATE_ATTR, PARAM_PREFIX, RECORD_ATTR, WORKER_ATTR, OptunaStrategy, config_key,
-    Sharing, progress, record_of, trial_key,
+    Sharing, open_storage, progress, record_of, trial_key,
 )
 from layerscan.study import Criterion, build_study, load_study
 from layerscan.workers import SPEC_ATTR, pool_for_run, redact_url, study_values
@@ -76,9 +76,10 @@ def _configs(path: Path) -> list[str]:
 
 
 def _study(url: str, slug: str) -> optuna.Study:
-    names = [n for n in optuna.get_all_study_names(url) if f"-{slug}-" in n]
+    storage = open_storage(url, None)
+    names = [n for n in optuna.get_all_study_names(storage) if f"-{slug}-" in n]
     assert len(names) == 1, names
-    return optuna.load_study(study_name=names[0], storage=url)
+    return optuna.load_study(study_name=names[0], storage=storage)
 
 
 def test_storage_urls_are_redacted():
@@ -284,10 +285,11 @@ def test_killed_worker_is_retried_and_the_answer_is_unchanged(planted_dir, two_p
     proc = _spawn(_run_argv(planted_dir, out, two_prompts, "--storage", POSTGRES, "--workers", "2",
                             "--max-trials", "64", "--name", slug, *dit_only), tmp_path / "two")
     killed = None
+    storage = open_storage(POSTGRES, None)  # one connection pool for all the looking below
     deadline = time.monotonic() + 300
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
-        names = [n for n in optuna.get_all_study_names(POSTGRES) if f"-{slug}-" in n]
-        study = optuna.load_study(study_name=names[0], storage=POSTGRES) if names else None
+        names = [n for n in optuna.get_all_study_names(storage) if f"-{slug}-" in n]
+        study = optuna.load_study(study_name=names[0], storage=storage) if names else None
         trials = study.get_trials(deepcopy=False) if study else []
         recorded = {t.system_attrs.get(CONFIG_ATTR) for t in trials
                     if record_of(t) is not None}

@@ -27,6 +27,7 @@ the storage is then the only shared truth:
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import itertools
 import json
 import logging
@@ -74,10 +75,17 @@ def open_storage(url: str | None, heartbeat_s: int | None = DEFAULT_HEARTBEAT_S)
     """An RDB storage for ``url`` with Optuna's heartbeat and one retry of stale trials.
 
     ``None`` stays Optuna's in-memory storage (no heartbeat).  SQLite waits for its lock
-    instead of failing when several processes write at once.
+    instead of failing when several processes write at once.  One storage per URL and heartbeat
+    in a process: each storage holds its own connection pool, and a server's connection slots
+    run out when every look at the study opens another.
     """
     if url is None:
         return None
+    return _storage(url, int(heartbeat_s or 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _storage(url: str, heartbeat_s: int):
     engine_kwargs: dict = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}
