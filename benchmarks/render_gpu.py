@@ -305,12 +305,12 @@ def body(text: str) -> str:
     return f"\n\n{text}\n\n"
 
 
-def blocks_in(doc: str) -> tuple[dict[str, str], list[str]]:
+def blocks_in(doc: str, marker: re.Pattern = MARKER) -> tuple[dict[str, str], list[str]]:
     """The text between each pair of markers in ``doc``, and the problems with the markers."""
     found: dict[str, str] = {}
     problems: list[str] = []
     open_name, open_end = None, 0
-    for m in MARKER.finditer(doc):
+    for m in marker.finditer(doc):
         closing, name = m.group(1) == "/", m.group(2)
         if not closing:
             if open_name is not None:

@@ -121,6 +121,7 @@ def fp8_linear(
     bias: torch.Tensor | None,
     scheme: str = "token",
     quantized_input: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weight_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + b`` with W8A8 FP8 operands, FP32 accumulation and output in ``x.dtype``.
 
@@ -132,8 +133,9 @@ def fp8_linear(
     every product of two is exact in FP32, the sum accumulates in FP32, and the row and column
     scales and the bias are applied to the FP32 result before its one rounding to ``x.dtype`` —
     what ``torch._scaled_mm`` computes, up to the order of the FP32 accumulation
-    (tests/test_fp8.py compares them), and 1.5-3x faster on CPUs without FP8 or BF16 matrix
-    units.  GPUs keep the real FP8 GEMM.
+    (tests/test_fp8.py compares them).  ``weight_values``: ``weight_fp8`` already widened to
+    FP32 (exact), which a layer keeps on the CPU because widening e4m3 is the slowest step there.
+    GPUs keep the real FP8 GEMM.
     """
     out_features = weight_fp8.shape[0]
     if quantized_input is None:
@@ -141,7 +143,8 @@ def fp8_linear(
     x_fp8, x_scale = quantized_input
     w_scale = weight_scale if weight_scale.dim() == 2 else row_scale(weight_scale, out_features)
     if x_fp8.device.type == "cpu":
-        out = (x_fp8.float() @ weight_fp8.float().t()) * x_scale * w_scale
+        values = weight_fp8.float() if weight_values is None else weight_values
+        out = (x_fp8.float() @ values.t()) * x_scale * w_scale
         if bias is not None:
             out = out + bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
@@ -266,6 +269,9 @@ class Fp8Linear(nn.Linear):
             weight = module.weight.data
             module.__class__ = cls
             module.register_buffer("weight_fp8", weight.new_empty(0, dtype=FP8_DTYPE), persistent=False)
+            # On the CPU: weight_fp8's values in FP32, widened once (see fp8_linear).
+            module.register_buffer("weight_fp8_values", weight.new_empty(0, dtype=torch.float32),
+                                   persistent=False)
             module.register_buffer("weight_scale", per_tensor_scale(weight) if scale is None
                                    else scale.to(weight.device), persistent=False)
             # Expanded once here rather than on every call: a kernel launch per layer saved.
@@ -283,6 +289,8 @@ class Fp8Linear(nn.Linear):
         if fp8 and self.weight_fp8.numel() == 0:
             source = self.weight.data if self.weight.numel() else self.bf16_master.to(device)
             self.weight_fp8 = quantize_per_tensor(source, self.weight_scale)[0].contiguous()
+        if device.type == "cpu" and self.weight_fp8_values.numel() != self.weight_fp8.numel():
+            self.weight_fp8_values = self.weight_fp8.float()
         if not fp8 and self.weight.numel() == 0:
             self.weight.data = self.bf16_master.to(device)
         if not keep_bf16:
@@ -293,6 +301,7 @@ class Fp8Linear(nn.Linear):
                 self.weight.data = self.weight.data.new_empty(0)
             else:
                 self.weight_fp8 = self.weight_fp8.new_empty(0)
+                self.weight_fp8_values = self.weight_fp8_values.new_empty(0)
         if fp8:
             _scaled_mm_takes_bias(device.type)  # here, eagerly: a compiled forward cannot probe
         self.fp8_enabled = fp8
@@ -305,8 +314,9 @@ class Fp8Linear(nn.Linear):
         shared = None
         if self.shared_input is not None and not torch.compiler.is_compiling():
             shared = self.shared_input.get(x, self.activation_scheme)
+        values = self.weight_fp8_values if self.weight_fp8_values.numel() else None
         return fp8_linear(x, self.weight_fp8, self.weight_scale_row, self.bias,
-                          self.activation_scheme, shared)
+                          self.activation_scheme, shared, values)
 
 
 # --- FP8 weight storage for text encoders and VAEs -------------------------------------------

@@ -118,6 +118,9 @@ def test_fp8_linear_module_switches_and_keeps_bf16_bit_exact():
     assert lin.weight_fp8.dtype == FP8_DTYPE
     fp8_out = lin(x)
     assert not torch.equal(fp8_out, before)
+    # The CPU keeps the e4m3 values widened to FP32 once; the result is the same to the bit.
+    assert torch.equal(lin.weight_fp8_values, lin.weight_fp8.float())
+    assert torch.equal(fp8_out, fp8_linear(x, lin.weight_fp8, lin.weight_scale_row, lin.bias))
     lin.set_precision(False)
     assert torch.equal(lin(x), before)
 
@@ -135,6 +138,7 @@ def test_requantize_residency_holds_only_what_the_configuration_needs():
     assert torch.equal(lin(x), both)
     lin.set_precision(False, keep_bf16=False)
     assert lin.weight_fp8.numel() == 0 and lin.weight.shape == (16, 32)  # BF16 only
+    assert lin.weight_fp8_values.numel() == 0  # the CPU's widened copy goes with it
     assert torch.equal(lin(x), before)  # restored from the master copy, bit for bit
     lin.set_precision(True, keep_bf16=False)  # re-quantized from the master copy
     assert torch.equal(lin(x), both)

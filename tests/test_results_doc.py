@@ -55,3 +55,27 @@ def test_write_restores_the_blocks(render_gpu, tmp_path):
     assert render_gpu.check(doc) != []
     render_gpu.write(doc)
     assert doc.read_text() == text
+
+
+@pytest.fixture(scope="module")
+def render_runs(render_gpu):  # render_runs imports render_gpu's marker handling
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import render_runs
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return render_runs
+
+
+def test_whole_run_blocks_match_the_json(render_runs, capsys):
+    rc = render_runs.main(["--check"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_whole_run_check_catches_an_edited_number(render_runs, tmp_path, capsys):
+    doc = tmp_path / "RESULTS.md"
+    text = render_runs.DOC.read_text()
+    assert "**1.25x**" in text
+    doc.write_text(text.replace("**1.25x**", "**1.35x**", 1))
+    assert render_runs.main(["--check", "--doc", str(doc)]) == 1
+    assert "block 'fullsize' differs" in capsys.readouterr().err

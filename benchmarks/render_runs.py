@@ -1,0 +1,167 @@
+"""Render RESULTS.md's tables of whole runs from their raw JSON in benchmarks/results/runs/.
+
+Same contract as render_gpu.py (whose marker handling this reuses), for the files that
+bench_fullsize_run.py, bench_wan_step.py and bench_devices.py write: RESULTS.md holds the
+rendered text between ``<!-- render_runs:NAME -->`` and ``<!-- /render_runs:NAME -->`` lines, the
+prose around them is written by hand and must agree with them.
+
+    python benchmarks/render_runs.py            # print every block
+    python benchmarks/render_runs.py --write    # rewrite the blocks in RESULTS.md
+    python benchmarks/render_runs.py --check    # exit 1 when RESULTS.md differs from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+from render_gpu import DOC, blocks_in, body
+
+RUNS_DIR = Path(__file__).resolve().parent / "results" / "runs"
+MARKER = re.compile(r"^<!-- (/?)render_runs:([A-Za-z0-9_]+) -->$", re.M)
+FULLSIZE = {  # file -> label; the no-CFG pair ran with the pipeline's signature hidden (see prose)
+    "fullsize_run_eager.json": "eager, true CFG",
+    "fullsize_run_compiled.json": "compiled, true CFG",
+    "fullsize_run_eager_nocfg.json": "eager, no CFG (superseded)",
+    "fullsize_run_compiled_nocfg.json": "compiled, no CFG (superseded)",
+}
+DEVICES = {"devices_gpu_native.json": "H200, cuBLASLt FP8 GEMM",
+           "devices_gpu_fp32.json": "H200, FP32 arithmetic on e4m3 values",
+           "devices_cpu.json": "CPU (2 cores), FP32 arithmetic on e4m3 values",
+           "devices_gpu_seed.json": "H200, seed scheme"}
+
+
+def _gb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e9:.1f}"
+
+
+def render_fullsize(runs: dict) -> list[str]:
+    out = ["Source: " + ", ".join(f"`results/runs/{f}`" for f in FULLSIZE) + ".", "",
+           "| run | BF16 s/img | FP8 all s/img | speed-up | peak GPU GB | residency | wall s | "
+           "build / baseline+floor / search / report s | not generating |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for name, label in FULLSIZE.items():
+        d = runs[name]
+        p = d["phases_s"]
+        out.append(f"| {label} | {d['bf16_seconds_per_image']:.2f} | {d['fp8_all_seconds_per_image']:.2f} | "
+                   f"**{d['fp8_all_speedup']:.2f}x** | {_gb(d['peak_memory_bytes'])} | {d['residency']} | "
+                   f"{d['wall_s']:.0f} | {p['build']:.0f} / {p['baseline_and_floor']:.0f} / "
+                   f"{p['search']:.0f} / {p['report']:.0f} | {100 * d['non_generation_share']:.0f} % |")
+    out += ["", "Per configuration (true CFG runs):", "",
+            "| run | configuration | s/img | peak GPU GB |", "|---|---|---|---|"]
+    for name, label in list(FULLSIZE.items())[:2]:
+        for e in runs[name]["evaluations"]:
+            out.append(f"| {label} | {e['label']} | {e['seconds_per_image']:.2f} | {_gb(e['peak_memory_bytes'])} |")
+    return out
+
+
+def render_wan(runs: dict) -> list[str]:
+    d = runs["wan_step.json"]
+    clip, est = d["clip"], d["estimate"]
+    out = ["Source: `results/runs/wan_step.json`.", "",
+           f"One A14B expert ({d['expert_parameters'] / 1e9:.2f} B parameters), one eager DiT call on "
+           f"{clip['frames']} frames at {clip['height']}x{clip['width']} ({clip['video_tokens']:,} video "
+           f"+ {clip['text_tokens']} text tokens), {d['device']}:", "",
+           "| precision | s per DiT call | speed-up | peak GPU GB |", "|---|---|---|---|"]
+    for key, label in (("bf16", "BF16"), ("fp8_all", "FP8 everywhere"), ("fp8_ffn_only", "FP8 on ffn only")):
+        speed = "1.00x" if key == "bf16" else f"{d['fp8_speedup'][key]:.2f}x"
+        out.append(f"| {label} | {d['step_s'][key]:.2f} | {speed} | {_gb(d['peak_memory_bytes'][key])} |")
+    out += ["", f"Estimate for `studies/wan2.2.toml` ({d['study']['steps']} steps, CFG: "
+            f"{est['dit_calls_per_video']} DiT calls per video, {est['videos_per_configuration']} videos "
+            f"per configuration): BF16 baseline and noise floor {est['baseline_videos']} videos, "
+            f"{est['baseline_hours']} h; "
+            f"{est['hours_per_configuration'][0]}-{est['hours_per_configuration'][1]} h per FP8 configuration; "
+            + "; ".join(f"{k.replace('_', ' ')} ({v['configurations']} configurations) "
+                        f"{v['hours'][0]}-{v['hours'][1]} h" for k, v in est["runs"].items())
+            + f". Whole pipeline on one GPU (estimated): {_gb(d['pipeline_memory_estimate']['bytes'])} GB."]
+    return out
+
+
+def render_devices(runs: dict) -> list[str]:
+    present = [f for f in DEVICES if f in runs]
+    configs = list(runs[present[0]]["configs"])
+    out = ["Source: " + ", ".join(f"`results/runs/{f}`" for f in present) + ". PSNR in dB "
+           "against each run's own BF16 baseline: mean [95 % CI] / worst image.", "",
+           "| configuration | " + " | ".join(DEVICES[f] for f in present) + " |",
+           "|---|" + "---|" * len(present)]
+    out.append("| *noise floor* | " + " | ".join(
+        f"{runs[f]['floor']['mean']['psnr']:.2f} / {runs[f]['floor']['worst']['psnr']:.2f}" for f in present) + " |")
+    for label in configs:
+        cells = []
+        for f in present:
+            c = runs[f]["configs"].get(label)
+            if c is None:
+                cells.append("—")
+                continue
+            lo, hi = c["ci"]["psnr"]
+            cells.append(f"{c['mean']['psnr']:.2f} [{lo:.2f}, {hi:.2f}] / {c['worst']['psnr']:.2f}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out += ["", "| seconds per image | " + " | ".join(DEVICES[f] for f in present) + " |",
+            "|---|" + "---|" * len(present)]
+    for label in ("BF16", "FP8 all"):
+        out.append(f"| {label} | " + " | ".join(f"{runs[f]['configs'][label]['seconds_per_image']:.3f}"
+                                                 for f in present) + " |")
+    return out
+
+
+BLOCKS = {"fullsize": render_fullsize, "wan_step": render_wan, "devices": render_devices}
+
+
+def render(runs_dir: Path = RUNS_DIR) -> dict[str, str]:
+    runs = {p.name: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))}
+    return {name: "\n".join(fn(runs)) for name, fn in BLOCKS.items()}
+
+
+def check(doc_path: Path = DOC, runs_dir: Path = RUNS_DIR) -> list[str]:
+    known = set(FULLSIZE) | set(DEVICES) | {"wan_step.json"}
+    problems = [f"results/runs/{p.name} is not declared in render_runs"
+                for p in sorted(runs_dir.glob("*.json")) if p.name not in known]
+    found, marker_problems = blocks_in(doc_path.read_text(), MARKER)
+    problems += marker_problems
+    for name, text in render(runs_dir).items():
+        if name not in found:
+            problems.append(f"RESULTS.md lacks the block {name!r}")
+        elif found[name] != body(text):
+            diff = difflib.unified_diff(found[name].splitlines(), body(text).splitlines(),
+                                        f"RESULTS.md:{name}", f"rendered:{name}", lineterm="")
+            problems.append(f"block {name!r} differs from the JSON:\n" + "\n".join(diff))
+    return problems
+
+
+def write(doc_path: Path = DOC, runs_dir: Path = RUNS_DIR) -> None:
+    doc = doc_path.read_text()
+    for name, text in render(runs_dir).items():
+        pattern = re.compile(rf"^(<!-- render_runs:{name} -->)$.*?^(<!-- /render_runs:{name} -->)$",
+                             re.S | re.M)
+        if not pattern.search(doc):
+            raise SystemExit(f"render_runs: RESULTS.md lacks the block {name!r}")
+        doc = pattern.sub(lambda m: m.group(1) + body(text) + m.group(2), doc)
+    doc_path.write_text(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true")
+    mode.add_argument("--write", action="store_true")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = check(args.doc)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1 if problems else 0
+    if args.write:
+        write(args.doc)
+        return 0
+    for name, text in render().items():
+        print(f"<!-- render_runs:{name} -->{body(text)}<!-- /render_runs:{name} -->\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
