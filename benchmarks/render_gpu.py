@@ -328,15 +328,10 @@ def blocks_in(doc: str, marker: re.Pattern = MARKER) -> tuple[dict[str, str], li
     return found, problems
 
 
-def check(doc_path: Path = DOC, results_dir: Path = RESULTS_DIR) -> list[str]:
-    """Every way RESULTS.md disagrees with what the JSON renders; empty when they agree."""
-    problems = [f"results/{p.name} is not declared in render_gpu.RUNS"
-                for p in sorted(results_dir.glob("*.json")) if p.name not in RUNS]
-    found, marker_problems = blocks_in(doc_path.read_text())
-    problems += marker_problems
-    rendered = render(results_dir)
-    for name in found.keys() - rendered.keys():
-        problems.append(f"RESULTS.md has a block {name!r} that render_gpu does not render")
+def block_problems(found: dict[str, str], rendered: dict[str, str], tool: str) -> list[str]:
+    """How the blocks ``found`` in RESULTS.md differ from what ``tool`` renders."""
+    problems = [f"RESULTS.md has a block {name!r} that {tool} does not render"
+                for name in sorted(found.keys() - rendered.keys())]
     for name, text in rendered.items():
         if name not in found:
             problems.append(f"RESULTS.md lacks the block {name!r}")
@@ -347,6 +342,23 @@ def check(doc_path: Path = DOC, results_dir: Path = RESULTS_DIR) -> list[str]:
     return problems
 
 
+def replace_blocks(doc: str, rendered: dict[str, str], tool: str) -> str:
+    """``doc`` with the text between each of ``tool``'s marker pairs replaced by its rendering."""
+    for name, text in rendered.items():
+        pattern = re.compile(rf"^(<!-- {tool}:{name} -->)$.*?^(<!-- /{tool}:{name} -->)$",
+                             re.S | re.M)
+        doc = pattern.sub(lambda m: m.group(1) + body(text) + m.group(2), doc)
+    return doc
+
+
+def check(doc_path: Path = DOC, results_dir: Path = RESULTS_DIR) -> list[str]:
+    """Every way RESULTS.md disagrees with what the JSON renders; empty when they agree."""
+    problems = [f"results/{p.name} is not declared in render_gpu.RUNS"
+                for p in sorted(results_dir.glob("*.json")) if p.name not in RUNS]
+    found, marker_problems = blocks_in(doc_path.read_text())
+    return problems + marker_problems + block_problems(found, render(results_dir), "render_gpu")
+
+
 def write(doc_path: Path = DOC, results_dir: Path = RESULTS_DIR) -> None:
     """Replace the text between each pair of markers with what the JSON renders."""
     doc = doc_path.read_text()
@@ -355,11 +367,7 @@ def write(doc_path: Path = DOC, results_dir: Path = RESULTS_DIR) -> None:
     problems += [f"RESULTS.md lacks the block {n!r}" for n in rendered.keys() - found.keys()]
     if problems:
         raise SystemExit("render_gpu: " + "; ".join(problems))
-    for name, text in rendered.items():
-        pattern = re.compile(rf"^(<!-- render_gpu:{name} -->)$.*?^(<!-- /render_gpu:{name} -->)$",
-                             re.S | re.M)
-        doc = pattern.sub(lambda m: m.group(1) + body(text) + m.group(2), doc)
-    doc_path.write_text(doc)
+    doc_path.write_text(replace_blocks(doc, rendered, "render_gpu"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,13 +13,12 @@ prose around them is written by hand and must agree with them.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import re
 import sys
 from pathlib import Path
 
-from render_gpu import DOC, blocks_in, body
+from render_gpu import DOC, block_problems, blocks_in, body, replace_blocks
 
 RUNS_DIR = Path(__file__).resolve().parent / "results" / "runs"
 MARKER = re.compile(r"^<!-- (/?)render_runs:([A-Za-z0-9_]+) -->$", re.M)
@@ -121,26 +120,17 @@ def check(doc_path: Path = DOC, runs_dir: Path = RUNS_DIR) -> list[str]:
     problems = [f"results/runs/{p.name} is not declared in render_runs"
                 for p in sorted(runs_dir.glob("*.json")) if p.name not in known]
     found, marker_problems = blocks_in(doc_path.read_text(), MARKER)
-    problems += marker_problems
-    for name, text in render(runs_dir).items():
-        if name not in found:
-            problems.append(f"RESULTS.md lacks the block {name!r}")
-        elif found[name] != body(text):
-            diff = difflib.unified_diff(found[name].splitlines(), body(text).splitlines(),
-                                        f"RESULTS.md:{name}", f"rendered:{name}", lineterm="")
-            problems.append(f"block {name!r} differs from the JSON:\n" + "\n".join(diff))
-    return problems
+    return problems + marker_problems + block_problems(found, render(runs_dir), "render_runs")
 
 
 def write(doc_path: Path = DOC, runs_dir: Path = RUNS_DIR) -> None:
     doc = doc_path.read_text()
-    for name, text in render(runs_dir).items():
-        pattern = re.compile(rf"^(<!-- render_runs:{name} -->)$.*?^(<!-- /render_runs:{name} -->)$",
-                             re.S | re.M)
-        if not pattern.search(doc):
-            raise SystemExit(f"render_runs: RESULTS.md lacks the block {name!r}")
-        doc = pattern.sub(lambda m: m.group(1) + body(text) + m.group(2), doc)
-    doc_path.write_text(doc)
+    found, problems = blocks_in(doc, MARKER)
+    rendered = render(runs_dir)
+    problems += [f"RESULTS.md lacks the block {n!r}" for n in rendered.keys() - found.keys()]
+    if problems:
+        raise SystemExit("render_runs: " + "; ".join(problems))
+    doc_path.write_text(replace_blocks(doc, rendered, "render_runs"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """benchmarks/RESULTS.md's rendered blocks agree with the raw JSON in benchmarks/results/.
 
-Runs render_gpu.py's check mode on the committed files (no GPU, no torch: JSON and text only), so
+Runs render_gpu.py's and render_runs.py's check modes on the committed files (no GPU, no torch: JSON and text only), so
 a table edited by hand, or a result file changed without re-rendering, fails here.  Fix with
 ``python benchmarks/render_gpu.py --write``.
 """
@@ -16,14 +16,20 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def render_gpu():
+def _benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (they import each other by plain name)."""
+    import importlib
+
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import render_gpu
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return render_gpu
+
+
+@pytest.fixture(scope="module")
+def render_gpu():
+    return _benchmark_module("render_gpu")
 
 
 def test_results_doc_matches_the_json(render_gpu, capsys):
@@ -58,13 +64,8 @@ def test_write_restores_the_blocks(render_gpu, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def render_runs(render_gpu):  # render_runs imports render_gpu's marker handling
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import render_runs
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return render_runs
+def render_runs():
+    return _benchmark_module("render_runs")
 
 
 def test_whole_run_blocks_match_the_json(render_runs, capsys):
