@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerscan", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("layers", help="list the DiT's quantizable layer groups")
+    p = sub.add_parser("layers", help="list every quantized component's layer groups")
     p.add_argument("--model", required=True)
     p.add_argument("--granularity", default="family", choices=["family", "block", "module"])
     p.add_argument("--text-encoder-granularity", dest="text_encoder_granularity",
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("tiny", help="write a built-in tiny pipeline to a directory")
-    p.add_argument("name", help="tiny-qwen-image or tiny-flux")
+    p.add_argument("name", help="e.g. tiny-qwen-image, tiny-wan2.2-outlier (an unknown name lists them all)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny)

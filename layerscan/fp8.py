@@ -1,15 +1,17 @@
 """FP8 numerics as vLLM-Omni runs them, applied to a diffusers pipeline in place.
 
-Two mechanisms, one per component kind (see the reference notes in the README):
+Two mechanisms; which component gets which is the scheme's (``layerscan.profiles``):
 
-* DiT linear layers run W8A8: weights become ``float8_e4m3fn`` with one per-tensor scale
-  ``amax / 448``; activations are quantized on every call (per token by default, per tensor as an
-  option) and the matmul runs in FP8 through ``torch._scaled_mm`` with output and bias in the
-  model dtype.  The same code path serves CPU and SM89+ GPUs.
-* Text encoder and VAE keep their Linear/Conv2d/Conv3d weights stored in FP8 and dequantize them
-  in a forward pre-hook, putting the FP8 tensor back in a post-hook; compute stays in BF16.
+* W8A8 linear layers (the DiT's; under the ``vllm-omni`` scheme the text encoder's language
+  model too): weights become ``float8_e4m3fn`` with one per-tensor scale ``amax / 448``;
+  activations are quantized on every call (per token by default, per tensor as an option) and
+  the matmul runs on the FP8 operands (``torch._scaled_mm`` on GPUs, the same arithmetic in FP32
+  on CPUs, see ``fp8_linear``) with output and bias in the model dtype.
+* FP8 weight storage (the ``seed`` scheme's text encoder and VAE): Linear/Conv2d/Conv3d weights
+  stored in FP8, dequantized in a forward pre-hook and put back in a post-hook; compute stays in
+  BF16.
 
-Both are reversible without reloading: the DiT layers keep their BF16 weight next to the FP8 copy
+Both are reversible without reloading: W8A8 layers keep their BF16 weight next to the FP8 copy
 and switch per layer, the storage hooks keep a CPU copy of the original weight.
 """
 

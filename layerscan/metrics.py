@@ -4,9 +4,10 @@ All metrics are computed on the uint8 HxWx3 arrays layerscan writes as PNG (vide
 The default four:
 
 * ``lpips`` -- learned perceptual distance (lower is better). Needs the torchvision ImageNet
-  backbone checkpoint on disk; it is never downloaded and never replaced by random weights,
-  because an LPIPS built on a random backbone still returns plausible-looking numbers and
-  would silently corrupt every search decision made from it.
+  backbone checkpoint on disk: fetched on first use into torchvision's own cache (checked
+  against the hash in its file name), unless ``LAYERSCAN_OFFLINE=1``; never replaced by random
+  weights, because an LPIPS built on a random backbone still returns plausible-looking numbers
+  and would silently corrupt every search decision made from it.
 * ``ssim`` -- structural similarity (higher is better), ``skimage`` implementation.
 * ``psnr`` -- peak signal-to-noise ratio in dB (higher is better), capped at
   ``PSNR_IDENTICAL_DB`` so identical images do not produce ``inf``.
@@ -293,15 +294,62 @@ WITHOUT_LPIPS_ADVICE = "continue without LPIPS: "
 WITHOUT_LPIPS_FLAGS = ("--metrics", "ssim,psnr", "--criterion-metric", "psnr")
 
 
+OFFLINE_ENV = "LAYERSCAN_OFFLINE"  # "1": never download the LPIPS backbone
+DOWNLOAD_TIMEOUT_S = 30
+
+
 def check_lpips_weights(net: str = "alex") -> None:
-    """Raise ``LpipsWeightsMissing`` unless the backbone checkpoint file exists locally.
+    """Make sure the backbone checkpoint file exists locally: download it on first use, or
+    raise ``LpipsWeightsMissing`` (offline, or the download failed).
 
     Only checks presence (cheap, for early CLI validation); ``Scorer`` additionally loads and
     validates the file and raises the same error if it is corrupt or of the wrong architecture.
     """
     path = lpips_weights_path(net)
-    if not path.is_file():
-        raise LpipsWeightsMissing(_missing_message(net, path, "the file does not exist"))
+    if path.is_file():
+        return
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise LpipsWeightsMissing(_missing_message(net, path, f"the file does not exist "
+                                                   f"({OFFLINE_ENV} is set)"))
+    try:
+        _download(lpips_weights_url(net), path)
+    except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors
+        problem = f"the file does not exist and downloading it failed ({exc})"
+        raise LpipsWeightsMissing(_missing_message(net, path, problem)) from exc
+
+
+def _download(url: str, path: Path) -> None:
+    """Fetch ``url`` to ``path`` through a temporary file; where the file name carries a hash
+    prefix (torchvision's ``alexnet-owt-7be5be79.pth``), the SHA-256 must start with it."""
+    import hashlib
+    import re
+    import sys
+    import tempfile
+    import urllib.request
+
+    from tqdm import tqdm
+
+    expected = re.search(r"-([a-f0-9]{6,})\.", os.path.basename(url))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, \
+            tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+        try:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr,
+                      desc=f"downloading {os.path.basename(url)}") as bar:
+                while chunk := response.read(1 << 20):
+                    tmp.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            tmp.close()
+            if expected and not digest.hexdigest().startswith(expected.group(1)):
+                raise ValueError(f"SHA-256 {digest.hexdigest()[:12]}... does not start with "
+                                 f"{expected.group(1)}")
+            os.replace(tmp.name, path)
+        finally:
+            if os.path.exists(tmp.name):
+                os.unlink(tmp.name)
 
 
 def _metric_names(requested: Sequence[str]) -> list[str]:

@@ -586,7 +586,7 @@ TINY_ARCHITECTURES: dict[str, TinyArchitecture] = {
         "QwenImagePipeline",
         "QwenImageTransformer2DModel",
         lambda seed: _planted_qwen_image(seed),
-        "tiny-qwen-image with a massive activation planted in every img_mlp input (the demo)",
+        "tiny-qwen-image with a massive activation planted in every img_mlp input",
     ),
     "tiny-flux": TinyArchitecture(
         "FluxPipeline",

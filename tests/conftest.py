@@ -11,6 +11,9 @@ import pytest
 _CACHE = Path(tempfile.mkdtemp(prefix="layerscan-test-cache-"))
 os.environ["LAYERSCAN_CACHE"] = str(_CACHE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Never fetch the 233 MB LPIPS backbone from a test; the download path is tested against a
+# local server (tests/test_metrics.py), which unsets this.
+os.environ["LAYERSCAN_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

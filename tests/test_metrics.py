@@ -227,6 +227,69 @@ def test_check_lpips_weights_missing(empty_home: Path) -> None:
         check_lpips_weights("vgg")
 
 
+@pytest.fixture()
+def weights_server(alex_home: Path, tmp_path: Path):
+    """A local HTTP server with the AlexNet checkpoint under two names: one with its true
+    SHA-256 prefix, as torchvision names its files, and one with a wrong prefix."""
+    import hashlib
+    import http.server
+    import shutil
+    import threading
+    from functools import partial
+
+    source = alex_home / "hub" / "checkpoints" / ALEX_FILE
+    prefix = hashlib.sha256(source.read_bytes()).hexdigest()[:8]
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(source, served / f"alexnet-owt-{prefix}.pth")
+    shutil.copy(source, served / "alexnet-owt-00000000.pth")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", prefix
+    server.shutdown()
+
+
+def test_lpips_weights_are_fetched_on_first_use(weights_server, empty_home, monkeypatch) -> None:
+    import layerscan.metrics as metrics
+
+    base, prefix = weights_server
+    monkeypatch.delenv(metrics.OFFLINE_ENV)
+    monkeypatch.setattr(metrics, "lpips_weights_url", lambda net: f"{base}/alexnet-owt-{prefix}.pth")
+    path = lpips_weights_path("alex")
+    assert path == empty_home / "hub" / "checkpoints" / f"alexnet-owt-{prefix}.pth"
+    assert not path.exists()
+    check_lpips_weights()
+    assert path.is_file()
+    scorer = Scorer(("lpips",))  # the real loading path, from the downloaded file
+    image = np.full((32, 32, 3), 128, np.uint8)
+    assert scorer.score_pair(image, image)["lpips"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_download_that_fails_or_mismatches_its_hash_leaves_nothing(
+        weights_server, empty_home, monkeypatch) -> None:
+    import socket
+
+    import layerscan.metrics as metrics
+
+    base, _ = weights_server
+    monkeypatch.delenv(metrics.OFFLINE_ENV)
+    monkeypatch.setattr(metrics, "lpips_weights_url", lambda net: f"{base}/alexnet-owt-00000000.pth")
+    with pytest.raises(LpipsWeightsMissing, match="does not start with 00000000"):
+        check_lpips_weights()
+    checkpoints = empty_home / "hub" / "checkpoints"
+    assert list(checkpoints.iterdir()) == []  # no partial file, no temporary file
+    with socket.socket() as closed:  # a port nobody listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(metrics, "lpips_weights_url", lambda net: f"http://127.0.0.1:{port}/alexnet-owt-7be5be79.pth")
+    with pytest.raises(LpipsWeightsMissing, match="downloading it failed") as info:
+        check_lpips_weights()
+    assert "--metrics ssim,psnr --criterion-metric psnr" in str(info.value)
+    assert list(checkpoints.iterdir()) == []
+
+
 def test_scorer_refuses_to_build_without_weights(empty_home: Path) -> None:
     with pytest.raises(LpipsWeightsMissing, match=ALEX_FILE):
         Scorer(("lpips",))
