@@ -271,9 +271,11 @@ class Fp8Linear(nn.Linear):
             weight = module.weight.data
             module.__class__ = cls
             module.register_buffer("weight_fp8", weight.new_empty(0, dtype=FP8_DTYPE), persistent=False)
-            # On the CPU: weight_fp8's values in FP32, widened once (see fp8_linear).
+            # On the CPU: weight_fp8's values in FP32, widened once per version of weight_fp8
+            # (see fp8_linear and _widened_weight).
             module.register_buffer("weight_fp8_values", weight.new_empty(0, dtype=torch.float32),
                                    persistent=False)
+            module.widened_version = None
             module.register_buffer("weight_scale", per_tensor_scale(weight) if scale is None
                                    else scale.to(weight.device), persistent=False)
             # Expanded once here rather than on every call: a kernel launch per layer saved.
@@ -291,8 +293,6 @@ class Fp8Linear(nn.Linear):
         if fp8 and self.weight_fp8.numel() == 0:
             source = self.weight.data if self.weight.numel() else self.bf16_master.to(device)
             self.weight_fp8 = quantize_per_tensor(source, self.weight_scale)[0].contiguous()
-        if device.type == "cpu" and self.weight_fp8_values.numel() != self.weight_fp8.numel():
-            self.weight_fp8_values = self.weight_fp8.float()
         if not fp8 and self.weight.numel() == 0:
             self.weight.data = self.bf16_master.to(device)
         if not keep_bf16:
@@ -316,9 +316,22 @@ class Fp8Linear(nn.Linear):
         shared = None
         if self.shared_input is not None and not torch.compiler.is_compiling():
             shared = self.shared_input.get(x, self.activation_scheme)
-        values = self.weight_fp8_values if self.weight_fp8_values.numel() else None
         return fp8_linear(x, self.weight_fp8, self.weight_scale_row, self.bias,
-                          self.activation_scheme, shared, values)
+                          self.activation_scheme, shared, self._widened_weight())
+
+    def _widened_weight(self) -> torch.Tensor | None:
+        """``weight_fp8`` in FP32 for the CPU's arithmetic, kept while ``weight_fp8`` is unchanged
+        (its version counter tells an in-place write); None where fp8_linear widens per call:
+        on GPUs, inside a compiled graph, or for a weight made in inference mode (no counter)."""
+        weight = self.weight_fp8
+        if (weight.device.type != "cpu" or torch.compiler.is_compiling()
+                or weight.is_inference()):
+            return None
+        key = (weight.data_ptr(), weight._version)
+        if self.widened_version != key or self.weight_fp8_values.numel() != weight.numel():
+            self.weight_fp8_values = weight.float()
+            self.widened_version = key
+        return self.weight_fp8_values
 
 
 # --- FP8 weight storage for text encoders and VAEs -------------------------------------------

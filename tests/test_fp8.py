@@ -121,6 +121,11 @@ def test_fp8_linear_module_switches_and_keeps_bf16_bit_exact():
     # The CPU keeps the e4m3 values widened to FP32 once; the result is the same to the bit.
     assert torch.equal(lin.weight_fp8_values, lin.weight_fp8.float())
     assert torch.equal(fp8_out, fp8_linear(x, lin.weight_fp8, lin.weight_scale_row, lin.bias))
+    saved = lin.weight_fp8.clone()
+    lin.weight_fp8.fill_(float("nan"))  # an in-place write is seen: the widened copy follows it
+    assert torch.isnan(lin(x)).all()
+    lin.weight_fp8.copy_(saved)
+    assert torch.equal(lin(x), fp8_out)
     lin.set_precision(False)
     assert torch.equal(lin(x), before)
 
