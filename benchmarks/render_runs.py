@@ -82,7 +82,7 @@ def render_wan(runs: dict) -> list[str]:
 
 def render_devices(runs: dict) -> list[str]:
     present = [f for f in DEVICES if f in runs]
-    configs = list(runs[present[0]]["configs"])
+    configs = list(dict.fromkeys(label for f in present for label in runs[f]["configs"]))
     out = ["Source: " + ", ".join(f"`results/runs/{f}`" for f in present) + ". PSNR in dB "
            "against each run's own BF16 baseline: mean [95 % CI] / worst image.", "",
            "| configuration | " + " | ".join(DEVICES[f] for f in present) + " |",

@@ -24,7 +24,7 @@ from layerscan.fp8 import (
     remove_fp8_weight_storage,
 )
 from layerscan.layers import qualify, split_pattern
-from layerscan.pipeline import LoadedPipeline
+from layerscan.pipeline import SERVING_ELEMENT_SIZE, LoadedPipeline
 from layerscan.profiles import STORAGE
 
 Ignored = tuple[str, ...] | None  # None: the BF16 baseline
@@ -154,8 +154,10 @@ class Fp8Engine:
 
 
 def _param_sizes(module: nn.Module) -> dict[int, tuple[int, int]]:
-    """(elements, bytes per element) of every parameter, taken while all are in their BF16 form."""
-    return {id(p): (p.numel(), p.element_size()) for p in module.parameters()}
+    """(elements, bytes per element) of every parameter, taken while all are in their BF16 form;
+    a parameter widened for this device's sake (the CPU's FP32 VAE decoder) counts as served."""
+    return {id(p): (p.numel(), getattr(p, SERVING_ELEMENT_SIZE, p.element_size()))
+            for p in module.parameters()}
 
 
 def _bytes(sizes: dict[int, tuple[int, int]], fp8_param_ids: set[int]) -> int:

@@ -293,6 +293,9 @@ class Fp8Linear(nn.Linear):
         if fp8 and self.weight_fp8.numel() == 0:
             source = self.weight.data if self.weight.numel() else self.bf16_master.to(device)
             self.weight_fp8 = quantize_per_tensor(source, self.weight_scale)[0].contiguous()
+        if not fp8:  # the CPU's widened copy lives only while the layer runs in FP8
+            self.weight_fp8_values = self.weight_fp8_values.new_empty(0)
+            self.widened_version = None
         if not fp8 and self.weight.numel() == 0:
             self.weight.data = self.bf16_master.to(device)
         if not keep_bf16:

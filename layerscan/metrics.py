@@ -5,7 +5,8 @@ The default four:
 
 * ``lpips`` -- learned perceptual distance (lower is better). Needs the torchvision ImageNet
   backbone checkpoint on disk: fetched on first use into torchvision's own cache (checked
-  against the hash in its file name), unless ``LAYERSCAN_OFFLINE=1``; never replaced by random
+  against the hash in its file name), unless ``LAYERSCAN_OFFLINE`` or ``HF_HUB_OFFLINE`` is
+  set; never replaced by random
   weights, because an LPIPS built on a random backbone still returns plausible-looking numbers
   and would silently corrupt every search decision made from it.
 * ``ssim`` -- structural similarity (higher is better), ``skimage`` implementation.
@@ -298,22 +299,33 @@ OFFLINE_ENV = "LAYERSCAN_OFFLINE"  # "1": never download the LPIPS backbone
 DOWNLOAD_TIMEOUT_S = 30
 
 
-def check_lpips_weights(net: str = "alex") -> None:
-    """Make sure the backbone checkpoint file exists locally: download it on first use, or
-    raise ``LpipsWeightsMissing`` (offline, or the download failed).
+def _offline() -> str | None:
+    """The variable that forbids downloads, if one is set (ours, or the Hugging Face hub's)."""
+    for name in (OFFLINE_ENV, "HF_HUB_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off"):
+            return name
+    return None
 
-    Only checks presence (cheap, for early CLI validation); ``Scorer`` additionally loads and
-    validates the file and raises the same error if it is corrupt or of the wrong architecture.
+
+def check_lpips_weights(net: str = "alex") -> None:
+    """Make sure the backbone checkpoint file exists locally: download it on first use (once,
+    about 233 MB for AlexNet), or raise ``LpipsWeightsMissing`` (offline, or the download failed).
+
+    ``Scorer`` additionally loads and validates the file and raises the same error if it is
+    corrupt or of the wrong architecture.
     """
+    import http.client
+
     path = lpips_weights_path(net)
     if path.is_file():
         return
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+    if (variable := _offline()) is not None:
         raise LpipsWeightsMissing(_missing_message(net, path, f"the file does not exist "
-                                                   f"({OFFLINE_ENV} is set)"))
+                                                   f"({variable} is set)"))
     try:
         _download(lpips_weights_url(net), path)
-    except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors
+    # URLError and timeouts are OSErrors; a cut-off transfer is an HTTPException.
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         problem = f"the file does not exist and downloading it failed ({exc})"
         raise LpipsWeightsMissing(_missing_message(net, path, problem)) from exc
 

@@ -194,25 +194,38 @@ def load_pipeline(
         # demo's 64x64 decode: 4.5 s in BF16, 0.05 s in FP32).  A VAE the scheme does not
         # quantize is outside the FP8 question and shared by every configuration and the
         # baseline, so on the CPU it decodes in FP32; the baseline key records it.
-        _run_in_fp32(loaded.vae)
+        _decode_in_fp32(loaded.vae, dtype)
     return loaded
 
 
-def _run_in_fp32(vae: nn.Module) -> None:
-    """Cast ``vae`` to FP32 and its encode/decode inputs with it: some pipelines (FLUX.1) hand
-    the VAE latents in the transformer's dtype without casting them to the VAE's."""
-    vae.to(torch.float32)
-    for name in ("encode", "decode"):
-        method = getattr(vae, name, None)
-        if method is None:
-            continue
+SERVING_ELEMENT_SIZE = "_layerscan_serving_element_size"  # bytes per element where served
 
-        def in_fp32(x, *args, _method=method, **kwargs):
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                x = x.to(torch.float32)
-            return _method(x, *args, **kwargs)
 
-        setattr(vae, name, in_fp32)
+def _decode_in_fp32(vae: nn.Module, dtype: torch.dtype) -> None:
+    """Run ``vae``'s decoder in FP32, its encoder as loaded.
+
+    Only the decode path: pipelines hand the decoder latents in the transformer's dtype (FLUX.1
+    without casting them), so its input is cast here; encoded latents go on into the BF16
+    transformer (image editing), so the encoder keeps its dtype.  Weight bytes are a property
+    of serving, not of this CPU: each cast parameter remembers the size it is served at.
+    """
+    parts = [m for m in (getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None))
+             if isinstance(m, nn.Module)]
+    decode = getattr(vae, "decode", None)
+    if not parts or decode is None:
+        return
+    served = torch.empty(0, dtype=dtype).element_size()
+    for part in parts:
+        part.to(torch.float32)
+        for param in part.parameters():
+            setattr(param, SERVING_ELEMENT_SIZE, served)
+
+    def decode_in_fp32(z, *args, **kwargs):
+        if isinstance(z, torch.Tensor) and z.is_floating_point():
+            z = z.to(torch.float32)
+        return decode(z, *args, **kwargs)
+
+    vae.decode = decode_in_fp32
 
 
 def is_video_pipeline(pipe) -> bool:

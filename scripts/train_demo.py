@@ -480,15 +480,19 @@ def plant_saved(args, out: Path, device) -> int:
                          "multiplies the channel twice; plant a fresh training run")
     pipe = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
     plant_massive_activation(pipe, args.plant_only, None, magnitude=PLANT_MAGNITUDE, branch_gain=1.0)
-    pipe.save_pretrained(out, safe_serialization=True)
+    # Only the transformer changed; the record is written with it, before anything else can
+    # fail, so a second --plant-only always sees it.
+    pipe.transformer.save_pretrained(out / "transformer", safe_serialization=True)
     record["planted"] = {"family": args.plant_only, "blocks": "all", "channel": 0,
                          "magnitude": PLANT_MAGNITUDE, "branch_gain": 1.0}
+    path.write_text(json.dumps(record, indent=1) + "\n")
     log(f"planted a massive activation into {args.plant_only} of every block of {out}")
     if not args.no_eval:
-        here: dict = {"after": "planting"}
+        here: dict = {"after": "planting",
+                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
         evaluate(args, out, device, here)
         record.setdefault("evaluations", []).append(here)
-    path.write_text(json.dumps(record, indent=1) + "\n")
+        path.write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

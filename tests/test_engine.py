@@ -71,8 +71,12 @@ def test_apply_sets_exactly_the_unmatched_layers_to_fp8(qwen):
     assert loaded.pipe.text_encoder.model.language_model.layers[0].mlp.down_proj.fp8_enabled
     assert not isinstance(loaded.pipe.text_encoder.model.visual.blocks[0].mlp.down_proj, Fp8Linear)
     # The VAE is not quantized: no FP8 storage; on the CPU it runs in FP32 (see load_pipeline).
-    conv_in = loaded.pipe.vae.decoder.conv_in
+    vae = loaded.pipe.vae
+    conv_in = vae.decoder.conv_in
     assert not hasattr(conv_in, "_layerscan_fp8_storage") and conv_in.weight.dtype == torch.float32
+    assert vae.encoder.conv_in.weight.dtype == torch.bfloat16  # encoded latents feed the BF16 DiT
+    # Weight bytes are what serving holds (BF16), not this CPU's FP32 decoder.
+    assert engine.weight_bytes([])["vae"] == 2 * sum(p.numel() for p in vae.parameters())
     engine.apply(None)
 
 

@@ -120,6 +120,9 @@ def test_fp8_linear_module_switches_and_keeps_bf16_bit_exact():
     assert not torch.equal(fp8_out, before)
     # The CPU keeps the e4m3 values widened to FP32 once; the result is the same to the bit.
     assert torch.equal(lin.weight_fp8_values, lin.weight_fp8.float())
+    widened = lin.weight_fp8_values.data_ptr()
+    lin(x)
+    assert lin.weight_fp8_values.data_ptr() == widened  # reused, not widened again
     assert torch.equal(fp8_out, fp8_linear(x, lin.weight_fp8, lin.weight_scale_row, lin.bias))
     saved = lin.weight_fp8.clone()
     lin.weight_fp8.fill_(float("nan"))  # an in-place write is seen: the widened copy follows it
@@ -128,6 +131,7 @@ def test_fp8_linear_module_switches_and_keeps_bf16_bit_exact():
     assert torch.equal(lin(x), fp8_out)
     lin.set_precision(False)
     assert torch.equal(lin(x), before)
+    assert lin.weight_fp8_values.numel() == 0  # freed while the layer runs in BF16
 
 
 def test_requantize_residency_holds_only_what_the_configuration_needs():

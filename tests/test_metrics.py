@@ -256,6 +256,7 @@ def test_lpips_weights_are_fetched_on_first_use(weights_server, empty_home, monk
 
     base, prefix = weights_server
     monkeypatch.delenv(metrics.OFFLINE_ENV)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(metrics, "lpips_weights_url", lambda net: f"{base}/alexnet-owt-{prefix}.pth")
     path = lpips_weights_path("alex")
     assert path == empty_home / "hub" / "checkpoints" / f"alexnet-owt-{prefix}.pth"
@@ -275,6 +276,7 @@ def test_a_download_that_fails_or_mismatches_its_hash_leaves_nothing(
 
     base, _ = weights_server
     monkeypatch.delenv(metrics.OFFLINE_ENV)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(metrics, "lpips_weights_url", lambda net: f"{base}/alexnet-owt-00000000.pth")
     with pytest.raises(LpipsWeightsMissing, match="does not start with 00000000"):
         check_lpips_weights()

@@ -201,6 +201,38 @@ def test_retry_reuses_the_record_its_dead_worker_stored(planted_dir, two_prompts
     assert sorted(recorded) == sorted(set(recorded)) and len(recorded) == 4
 
 
+def test_a_shared_study_starts_with_what_the_run_measured_before_it(planted_dir, two_prompts, tmp_path):
+    """The attribution's records enter the study as finished trials, with the attributes the
+    dashboard shows; the search reuses them (a stopped one while it still proves failure), the
+    whole-component one the groups cannot express is left out and counted against the budget."""
+    from layerscan.search.ledger import TrialLedger
+    from layerscan.search.optuna_search import BUDGET_ATTR
+    from layerscan.session import open_session
+
+    values = load_study("tiny-qwen-image")
+    values.update(model=str(planted_dir), prompts=str(two_prompts), components=["transformer"],
+                  criterion_metric="psnr", criterion_mean=45.0, criterion_worst=40.0)
+    session = open_session(build_study(values), "cpu", warn=lambda m: None)
+    ledger = TrialLedger(session, tmp_path / "out", "optuna")
+    fp8_all = ledger.evaluate([], early_stop=True)  # what the attribution does
+    assert fp8_all.status == "stopped"
+    ledger.evaluate(["transformer:"])  # the whole DiT in BF16: no group expresses it
+    groups = [Group(p, "family", (f"transformer_blocks.0.{p}",), 10) for p in ("img_mlp", "to_qkv")]
+    url, name = f"sqlite:///{tmp_path / 's.db'}", "known"
+    ctx = SearchContext(ledger, groups, session.criterion, storage=url, study_name=name, max_trials=4)
+    OptunaStrategy(sharing=Sharing(heartbeat_s=0)).run(ctx)
+    study = optuna.load_study(study_name=name, storage=url)
+    assert study.user_attrs[BUDGET_ATTR] == 3  # four on record at most, one outside the study
+    known = [t for t in study.trials if t.user_attrs.get("known_before_search")]
+    assert [t.system_attrs[CONFIG_ATTR] for t in known] == ["[]"]
+    assert known[0].user_attrs["status"] == "stopped" and known[0].user_attrs["passes"] is False
+    assert "psnr_mean" in known[0].user_attrs
+    recorded = [t.system_attrs[CONFIG_ATTR] for t in study.trials if record_of(t) is not None]
+    assert sorted(recorded) == sorted(set(recorded)) and len(recorded) == 3
+    assert ledger.new_evaluations == 2 + 2  # the two before the search, two by it
+    assert ledger.fp8_on_record() == 4
+
+
 def test_baseline_is_built_once_by_concurrent_processes(planted_dir, two_prompts, tmp_path):
     script = textwrap.dedent(f"""
         import torch; torch.set_num_threads(1)

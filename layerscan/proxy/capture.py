@@ -162,9 +162,9 @@ class _Recorder:
             self.boundary = False
         # References only: copying every call's inputs to the host would stall the device on
         # each call and slow the very generation the BF16 row's time is measured on.  The few
-        # planned calls are copied when the image ends.
-        detach = lambda t: t.detach()  # noqa: E731
-        self.buffer.append([component, map_tensors(args, detach), map_tensors(kwargs, detach), None])
+        # planned calls are copied when the image ends; the tensors themselves are kept (no new
+        # views) so the copy's memo shares what calls share (prompt embeddings, masks).
+        self.buffer.append([component, tuple(args), dict(kwargs), None])
 
     def _post(self, module, args, output) -> None:
         if self.buffer:

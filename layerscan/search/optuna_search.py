@@ -41,7 +41,7 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from layerscan.evaluate import TrialRecord, judge
+from layerscan.evaluate import TrialRecord, judge, still_decides
 from layerscan.search.base import BudgetExhausted, SearchContext, Strategy
 
 PARAM_PREFIX = "bf16:"  # parameter names read "bf16:img_mlp" in optuna-dashboard
@@ -75,12 +75,15 @@ def open_storage(url: str | None, heartbeat_s: int | None = DEFAULT_HEARTBEAT_S)
     """An RDB storage for ``url`` with Optuna's heartbeat and one retry of stale trials.
 
     ``None`` stays Optuna's in-memory storage (no heartbeat).  SQLite waits for its lock
-    instead of failing when several processes write at once.  One storage per URL and heartbeat
-    in a process: each storage holds its own connection pool, and a server's connection slots
-    run out when every look at the study opens another.
+    instead of failing when several processes write at once.  One storage per server URL and
+    heartbeat in a process: each storage holds its own connection pool, and a server's
+    connection slots run out when every look at the study opens another.  SQLite files are
+    opened afresh (no server to exhaust, and a pooled connection would outlive a deleted file).
     """
     if url is None:
         return None
+    if url.startswith("sqlite"):
+        return _storage.__wrapped__(url, int(heartbeat_s or 0))
     return _storage(url, int(heartbeat_s or 0))
 
 
@@ -262,10 +265,14 @@ class OptunaStrategy(Strategy):
             trial.set_user_attr("ignored_layers", sorted(g.pattern for g in kept))
             verdict, other = self._claim(study, trial.number, key)
             if verdict == "recorded":
-                trial.set_user_attr("duplicate_of", other.number)
-                self._enqueue_neighbour(study, patterns, key, rng, budget)
-                record = TrialRecord.from_dict(record_of(other))
-                return self._values(trial, judge(record, ctx.criterion), ctx)
+                record = judge(TrialRecord.from_dict(record_of(other)), ctx.criterion)
+                if record.status != "stopped" or still_decides(
+                        record, ctx.ledger.image_count, ctx.criterion):
+                    trial.set_user_attr("duplicate_of", other.number)
+                    self._enqueue_neighbour(study, patterns, key, rng, budget)
+                    return self._values(trial, record, ctx)
+                # Stopped early under another criterion, it proves nothing under this one: this
+                # trial measures it in full (the ledger continues it where it is this process's).
             if verdict == "owned":
                 set_sys(DUPLICATE_ATTR, True)
                 trial.set_user_attr("duplicate_of", other.number)
@@ -317,10 +324,15 @@ class OptunaStrategy(Strategy):
         while True:
             undeclared = False
             now = _dt.datetime.now()
-            for t in study.get_trials(deepcopy=False):
+            trials = study.get_trials(deepcopy=False)
+            # A complete record answers before a stopped one (one continued later may exist).
+            recorded = sorted((t for t in trials if t.number != number and record_of(t) is not None
+                               and t.system_attrs.get(CONFIG_ATTR) == key),
+                              key=lambda t: record_of(t).get("status") == "stopped")
+            if recorded:
+                return "recorded", recorded[0]
+            for t in trials:
                 same = t.system_attrs.get(CONFIG_ATTR) == key
-                if same and t.number != number and record_of(t) is not None:
-                    return "recorded", t
                 if t.number >= number:
                     continue
                 if t.state == TrialState.WAITING and trial_key(t, _patterns_of(t)) == key:
@@ -384,18 +396,26 @@ class OptunaStrategy(Strategy):
     # --- one trial's answer --------------------------------------------------------------
 
     @staticmethod
-    def _values(trial: optuna.Trial, record: TrialRecord,
-                ctx: SearchContext) -> tuple[float, float]:
-        trial.set_user_attr("status", record.status)
+    def _record_attrs(record: TrialRecord) -> dict:
+        """The user attributes a trial shows for its record (optuna-dashboard reads them)."""
+        attrs: dict = {"status": record.status}
         for metric, value in record.mean.items():
-            trial.set_user_attr(f"{metric}_mean", value)
-            trial.set_user_attr(f"{metric}_worst", record.worst[metric])
-        trial.set_user_attr("passes", bool(record.passes))
-        trial.set_user_attr("weight_bytes_total", record.total_weight_bytes)
+            attrs[f"{metric}_mean"] = value
+            attrs[f"{metric}_worst"] = record.worst[metric]
+        attrs["passes"] = bool(record.passes)
+        attrs["weight_bytes_total"] = record.total_weight_bytes
         if record.seconds_per_image is not None:
-            trial.set_user_attr("seconds_per_image", record.seconds_per_image)
+            attrs["seconds_per_image"] = record.seconds_per_image
         if record.status == "failed":
-            trial.set_user_attr("error", (record.error or "failed")[:200])
+            attrs["error"] = (record.error or "failed")[:200]
+        return attrs
+
+    @classmethod
+    def _values(cls, trial: optuna.Trial, record: TrialRecord,
+                ctx: SearchContext) -> tuple[float, float]:
+        for name, value in cls._record_attrs(record).items():
+            trial.set_user_attr(name, value)
+        if record.status == "failed":
             raise TrialFailed(record.error or "failed")
         return ctx.loss(record), float(record.bf16_kept_bytes)
 
@@ -429,7 +449,8 @@ class OptunaStrategy(Strategy):
                               WORKER_ATTR: {"worker": share.worker, "host": share.host,
                                             "pid": share.pid}},
                 user_attrs={"worker": share.worker, "known_before_search": True,
-                            "ignored_layers": sorted(record.config)}))
+                            "ignored_layers": sorted(record.config),
+                            **self._record_attrs(ctx.ledger.judge(record))}))
             recorded.add(key)
         return outside
 
