@@ -190,6 +190,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _decoder_dtype(vae) -> str | None:
+    """The dtype the VAE decodes in (on the CPU its decoder runs in FP32, see load_pipeline)."""
+    if vae is None:
+        return None
+    decoder = getattr(vae, "decoder", vae)
+    return str(next(decoder.parameters()).dtype)
+
+
 def baseline_key(loaded: LoadedPipeline, spec: GenerationSpec) -> str:
     import diffusers
 
@@ -198,7 +206,7 @@ def baseline_key(loaded: LoadedPipeline, spec: GenerationSpec) -> str:
         device += ":" + torch.cuda.get_device_name(loaded.device)
     fields = dict(format=BASELINE_FORMAT, model=loaded.model, content=loaded.fingerprint,
                   spec=asdict(spec), dtype=str(loaded.dtype), device=device,
-                  vae_dtype=str(loaded.vae.dtype) if loaded.vae is not None else None,
+                  vae_decoder_dtype=_decoder_dtype(loaded.vae),
                   image=_sha256(Path(spec.image)) if spec.image else None,
                   torch=torch.__version__, diffusers=diffusers.__version__)
     if getattr(loaded.transformer, "_layerscan_compiled", False):
