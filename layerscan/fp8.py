@@ -306,7 +306,6 @@ class Fp8Linear(nn.Linear):
                 self.weight.data = self.weight.data.new_empty(0)
             else:
                 self.weight_fp8 = self.weight_fp8.new_empty(0)
-                self.weight_fp8_values = self.weight_fp8_values.new_empty(0)
         if fp8:
             _scaled_mm_takes_bias(device.type)  # here, eagerly: a compiled forward cannot probe
         self.fp8_enabled = fp8

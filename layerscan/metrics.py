@@ -5,10 +5,9 @@ The default four:
 
 * ``lpips`` -- learned perceptual distance (lower is better). Needs the torchvision ImageNet
   backbone checkpoint on disk: fetched on first use into torchvision's own cache (checked
-  against the hash in its file name), unless ``LAYERSCAN_OFFLINE`` or ``HF_HUB_OFFLINE`` is
-  set; never replaced by random
-  weights, because an LPIPS built on a random backbone still returns plausible-looking numbers
-  and would silently corrupt every search decision made from it.
+  against the hash in its file name), unless ``LAYERSCAN_OFFLINE`` or ``HF_HUB_OFFLINE`` is set;
+  never replaced by random weights, because an LPIPS built on a random backbone still returns
+  plausible-looking numbers and would silently corrupt every search decision made from it.
 * ``ssim`` -- structural similarity (higher is better), ``skimage`` implementation.
 * ``psnr`` -- peak signal-to-noise ratio in dB (higher is better), capped at
   ``PSNR_IDENTICAL_DB`` so identical images do not produce ``inf``.

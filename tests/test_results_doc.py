@@ -27,23 +27,33 @@ def _benchmark_module(name: str):
         sys.path.remove(str(BENCHMARKS))
 
 
+RENDERERS = ("render_gpu", "render_runs")
+
+
 @pytest.fixture(scope="module")
 def render_gpu():
     return _benchmark_module("render_gpu")
 
 
-def test_results_doc_matches_the_json(render_gpu, capsys):
-    rc = render_gpu.main(["--check"])
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_results_doc_matches_the_json(renderer, capsys):
+    rc = _benchmark_module(renderer).main(["--check"])
     assert rc == 0, capsys.readouterr().err
 
 
-def test_check_catches_an_edited_table(render_gpu, tmp_path, capsys):
+# One rendered cell per renderer, edited by hand: --check names the block it sits in.
+@pytest.mark.parametrize("renderer, cell, edited, block", [
+    ("render_gpu", "| fp8_all | 231.1 |", "| fp8_all | 221.1 |", "step_eager"),
+    ("render_runs", "**1.25x**", "**1.35x**", "fullsize"),
+])
+def test_check_catches_an_edited_cell(renderer, cell, edited, block, tmp_path, capsys):
+    module = _benchmark_module(renderer)
     doc = tmp_path / "RESULTS.md"
-    text = render_gpu.DOC.read_text()
-    assert "| fp8_all | 231.1 |" in text
-    doc.write_text(text.replace("| fp8_all | 231.1 |", "| fp8_all | 221.1 |", 1))
-    assert render_gpu.main(["--check", "--doc", str(doc)]) == 1
-    assert "block 'step_eager' differs" in capsys.readouterr().err
+    text = module.DOC.read_text()
+    assert cell in text
+    doc.write_text(text.replace(cell, edited, 1))
+    assert module.main(["--check", "--doc", str(doc)]) == 1
+    assert f"block {block!r} differs" in capsys.readouterr().err
 
 
 def test_check_catches_an_undeclared_result_file(render_gpu, tmp_path):
@@ -61,22 +71,3 @@ def test_write_restores_the_blocks(render_gpu, tmp_path):
     assert render_gpu.check(doc) != []
     render_gpu.write(doc)
     assert doc.read_text() == text
-
-
-@pytest.fixture(scope="module")
-def render_runs():
-    return _benchmark_module("render_runs")
-
-
-def test_whole_run_blocks_match_the_json(render_runs, capsys):
-    rc = render_runs.main(["--check"])
-    assert rc == 0, capsys.readouterr().err
-
-
-def test_whole_run_check_catches_an_edited_number(render_runs, tmp_path, capsys):
-    doc = tmp_path / "RESULTS.md"
-    text = render_runs.DOC.read_text()
-    assert "**1.25x**" in text
-    doc.write_text(text.replace("**1.25x**", "**1.35x**", 1))
-    assert render_runs.main(["--check", "--doc", str(doc)]) == 1
-    assert "block 'fullsize' differs" in capsys.readouterr().err

@@ -117,6 +117,16 @@ class Sharing:
     join_only: bool = False  # `layerscan worker`: the study must exist; never created nor seeded
     on_ready: Callable[[str, str], None] | None = None  # (name, URL) once the study exists
 
+    @property
+    def identity(self) -> dict:
+        """What every trial this process runs records of it (``WORKER_ATTR``)."""
+        return {"worker": self.worker, "host": self.host, "pid": self.pid}
+
+
+def bf16_params(patterns: list[str], kept) -> dict[str, bool]:
+    """The trial parameters of the configuration that keeps ``kept`` of ``patterns`` in BF16."""
+    return {PARAM_PREFIX + p: p in kept for p in patterns}
+
 
 def record_of(trial: FrozenTrial) -> dict | None:
     """The evaluation this trial made, if it made one.
@@ -258,7 +268,7 @@ class OptunaStrategy(Strategy):
             def set_sys(name: str, value) -> None:
                 trial.storage.set_trial_system_attr(trial._trial_id, name, value)
 
-            set_sys(WORKER_ATTR, {"worker": share.worker, "host": share.host, "pid": share.pid})
+            set_sys(WORKER_ATTR, share.identity)
             set_sys(CONFIG_ATTR, key)
             trial.set_user_attr("worker", share.worker)
             trial.set_user_attr("device", share.device or "")
@@ -367,7 +377,7 @@ class OptunaStrategy(Strategy):
             candidates = sorted({config_key(here ^ set(f)) for f in flips} - taken)
             if candidates:
                 kept = set(json.loads(rng.choice(candidates)))
-                study.enqueue_trial({PARAM_PREFIX + p: p in kept for p in patterns})
+                study.enqueue_trial(bf16_params(patterns, kept))
                 return
 
     def _drain(self, study: optuna.Study, objective) -> None:
@@ -441,16 +451,15 @@ class OptunaStrategy(Strategy):
                 continue
             failed = record.status == "failed"
             study.add_trial(optuna.trial.create_trial(
-                params={PARAM_PREFIX + p: p in record.config for p in patterns},
+                params=bf16_params(patterns, record.config),
                 distributions=distributions,
                 values=None if failed else [ctx.loss(record), float(record.bf16_kept_bytes)],
                 state=TrialState.FAIL if failed else TrialState.COMPLETE,
                 system_attrs={CONFIG_ATTR: key, RECORD_ATTR: record.to_dict(),
-                              WORKER_ATTR: {"worker": share.worker, "host": share.host,
-                                            "pid": share.pid}},
+                              WORKER_ATTR: share.identity},
                 user_attrs={"worker": share.worker, "known_before_search": True,
                             "ignored_layers": sorted(record.config),
-                            **self._record_attrs(ctx.ledger.judge(record))}))
+                            **self._record_attrs(record)}))
             recorded.add(key)
         return outside
 
@@ -461,7 +470,7 @@ class OptunaStrategy(Strategy):
             seeds.insert(1, set(self.greedy_answer))
         done = [t.params for t in study.trials]
         for kept in seeds:
-            params = {PARAM_PREFIX + p: p in kept for p in patterns}
+            params = bf16_params(patterns, kept)
             if params not in done:
                 study.enqueue_trial(params, skip_if_exists=True)
                 done.append(params)
