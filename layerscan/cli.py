@@ -13,6 +13,10 @@ from layerscan.metrics import METRICS
 DEFAULT_MODEL = "demo"  # the trained offline pipeline shipped in layerscan/demo/pipeline
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_MISMATCH = 1  # layerscan check: the target's code disagrees with the recommendation
+TARGET_HELP = ("the release the answer is for: vllm-omni==0.30.0 (default; 'vllm-omni' is the "
+               "newest layerscan knows) or seed (the seed guide: text encoder and VAE as FP8 "
+               "weight storage, substring matching)")
 INTERRUPTED_MESSAGE = ("interrupted: every finished evaluation is kept; "
                        "rerun the same command to resume")
 
@@ -45,13 +49,11 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-scheme", dest="activation_scheme", choices=["token", "tensor"],
                    help="dynamic FP8 activation scale per token (vLLM-Omni default) or per tensor")
     p.add_argument("--profile", help="architecture profile (default: chosen from the DiT class)")
-    p.add_argument("--scheme", choices=["vllm-omni", "seed"],
-                   help="what the target runs: vllm-omni (default; today's release) or seed "
-                        "(text encoder and VAE as FP8 weight storage, substring matching)")
+    p.add_argument("--target", help=TARGET_HELP)
     p.add_argument("--components", type=_csv,
-                   help="quantized components, e.g. transformer (default: the scheme's for the model)")
+                   help="quantized components, e.g. transformer (default: the target's for the model)")
     p.add_argument("--layer-match", dest="layer_match", choices=["exact", "substring"],
-                   help="how the target matches ignored_layers (default: the scheme's; vLLM: exact)")
+                   help="how the target matches ignored_layers (default: the target's; vLLM: exact)")
     p.add_argument("--criterion-metric", dest="criterion_metric", choices=list(METRICS))
     p.add_argument("--criterion-mean", dest="criterion_mean",
                    help="mean threshold: a number, or relative to the noise floor: 'floor + 0.05'")
@@ -70,7 +72,7 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
 
 
 STUDY_FIELDS = ("model", "revision", "prompts", "seeds", "steps", "height", "width", "guidance",
-                "metrics", "lpips_net", "activation_scheme", "compile", "profile", "scheme", "components",
+                "metrics", "lpips_net", "activation_scheme", "compile", "profile", "target", "components",
                 "layer_match", "name", "granularity", "text_encoder_granularity",
                 "strategy", "refine", "max_trials", "timeout_s", "storage", "criterion_metric",
                 "criterion_mean", "criterion_worst")
@@ -108,7 +110,7 @@ def cmd_layers(args) -> int:
     from layerscan.pipeline import load_pipeline
 
     loaded = load_pipeline(args.model, "cpu", trust_remote_code=args.trust_remote_code,
-                           profile=args.profile, scheme=args.scheme)
+                           profile=args.profile, target=args.target)
     index = loaded.index
     groups = index.groups(args.granularity, args.text_encoder_granularity)
     share = {g.pattern: g.params / index.component_params[g.component] for g in groups}
@@ -117,7 +119,7 @@ def cmd_layers(args) -> int:
                                params=g.params, share=share[g.pattern]) for g in groups], indent=1))
         return 0
     profile = loaded.profile
-    print(f"{args.model}: profile {profile.name}, scheme {profile.scheme} "
+    print(f"{args.model}: profile {profile.name}, target {profile.target.name} "
           f"(ignored_layers matched {profile.match}ly)")
     for component in index.components:
         layers = index.of(component)
@@ -178,6 +180,12 @@ def cmd_run(args) -> int:
         pool = pool_for_run(args, study, out)
     session = _session(args, study)
     outcome = run_study(session, out, study.strategy, pool)
+    if outcome.stop_reason != "interrupted":
+        from layerscan.report.outputs import paste_forms
+        from layerscan.target_check import check_after_run
+
+        outcome.target_check = check_after_run(
+            paste_forms(study.model, outcome.recommended, session.loaded), session.loaded.path)
     path = write_report(session, outcome, out)
     rec = outcome.recommended
     if rec is None:
@@ -188,7 +196,10 @@ def cmd_run(args) -> int:
         answer = json.dumps(quantization_configs(rec, session.loaded)["paste"])
         if len(answer) > 300:
             answer = answer[:300] + f"... (in full in {out / 'recommendation.json'})"
-    print(f"recommended ({describe(rec.config) if rec else 'none'}): quantization_config={answer}")
+    print(f"recommended for {session.loaded.profile.target.name} "
+          f"({describe(rec.config) if rec else 'none'}): quantization_config={answer}")
+    if outcome.target_check is not None:
+        print(outcome.target_check["line"].replace("**", ""))
     # Every process's records count (a shared study's workers included), as in the report.
     print(f"{outcome.ledger.cost()['configurations']} FP8 configurations on record "
           f"({outcome.new_evaluations} evaluated now); report: {path}")
@@ -196,6 +207,38 @@ def cmd_run(args) -> int:
         print(INTERRUPTED_MESSAGE, file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def cmd_check(args) -> int:
+    from layerscan.pipeline import resolve_model_dir
+    from layerscan.profiles import resolve_target
+    from layerscan.target_check import check_recommendation
+
+    path = args.report / "recommendation.json" if args.report.is_dir() else args.report
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"no layerscan recommendation.json in {args.report}") from None
+    if not isinstance(data, dict) or "target" not in data:
+        raise UserError(f"{path} names no target release (written by an older layerscan); "
+                        "rerun layerscan run to rewrite it")
+    written_for = resolve_target(data["target"])
+    if args.target and resolve_target(args.target) != written_for:
+        raise UserError(f"{path} was written for {written_for.name}, not {resolve_target(args.target).name}; "
+                        f"rerun layerscan run --target {args.target} for an answer for that release")
+    model_dir = resolve_model_dir(args.model or data["model"], data.get("revision"))
+    result = check_recommendation(data, model_dir, args.python)
+    print(f"{path}: {data['model']} for {written_for.name}, checked with {result.version}")
+    for form, components in result.counts.items():
+        for component, count in components.items():
+            print(f"  {form:<13} {component:<14} FP8 {count['fp8']:>5}  BF16 {count['bf16']:>5}")
+    for note in result.notes:
+        print(f"note: {note}")
+    for problem in result.problems:
+        print(f"problem: {problem}")
+    print("agrees: every form loads and keeps exactly the intended layers in BF16" if result.ok
+          else f"disagrees: {len(result.problems)} problem(s)")
+    return 0 if result.ok else EXIT_MISMATCH
 
 
 def cmd_worker(args) -> int:
@@ -239,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-granularity", dest="text_encoder_granularity",
                    choices=["family", "block", "module", "component"])
     p.add_argument("--profile")
-    p.add_argument("--scheme", default="vllm-omni", choices=["vllm-omni", "seed"])
+    p.add_argument("--target", help=TARGET_HELP)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_layers)
@@ -291,8 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", type=Path,
                    help="replace or insert the rows in this docs file, in the columns of its table")
     p.add_argument("--format", choices=["vllm-omni", "seed"],
-                   help="header to print (default: the first report's scheme)")
+                   help="header to print (default: the first report's target's)")
     p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("check", help="hold a report's recommendation to the installed target release's own code")
+    p.add_argument("report", type=Path, help="a report directory (or its recommendation.json)")
+    p.add_argument("--target", help="the release the recommendation must be for (default: the one it names)")
+    p.add_argument("--python", help="the Python of an environment with vllm-omni installed "
+                                    "(default: $LAYERSCAN_VLLM_OMNI_PYTHON, else this one)")
+    p.add_argument("--model", help="the model's local pipeline directory, when not the report's model")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("tiny", help="write a built-in tiny pipeline to a directory")
     p.add_argument("name", help="e.g. tiny-qwen-image, tiny-wan2.2-outlier (an unknown name lists them all)")

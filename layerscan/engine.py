@@ -3,7 +3,7 @@
 Every W8A8 layer of every quantized component (the DiT, a second expert, the text encoder under
 ``vllm-omni``) is converted once: it keeps its BF16 weight next to the FP8 copy, so a switch
 only flips per-layer flags and a search never reloads the pipeline.  Components quantized by
-weight storage (the ``seed`` scheme's text encoder and VAE) are switched as a whole.
+weight storage (the ``seed`` target's text encoder and VAE) are switched as a whole.
 ``ignored_layers=None`` means BF16 everywhere and reproduces BF16 outputs bit for bit.
 """
 

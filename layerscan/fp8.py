@@ -1,13 +1,13 @@
 """FP8 numerics as vLLM-Omni runs them, applied to a diffusers pipeline in place.
 
-Two mechanisms; which component gets which is the scheme's (``layerscan.profiles``):
+Two mechanisms; which component gets which is the target's (``layerscan.profiles``):
 
-* W8A8 linear layers (the DiT's; under the ``vllm-omni`` scheme the text encoder's language
-  model too): weights become ``float8_e4m3fn`` with one per-tensor scale ``amax / 448``;
+* W8A8 linear layers (the DiT's; where a ``vllm-omni`` target quantizes the text encoder, its
+  language model too): weights become ``float8_e4m3fn`` with one per-tensor scale ``amax / 448``;
   activations are quantized on every call (per token by default, per tensor as an option) and
   the matmul runs on the FP8 operands (``torch._scaled_mm`` on GPUs, the same arithmetic in FP32
   on CPUs, see ``fp8_linear``) with output and bias in the model dtype.
-* FP8 weight storage (the ``seed`` scheme's text encoder and VAE): Linear/Conv2d/Conv3d weights
+* FP8 weight storage (the ``seed`` target's text encoder and VAE): Linear/Conv2d/Conv3d weights
   stored in FP8, dequantized in a forward pre-hook and put back in a post-hook; compute stays in
   BF16.
 

@@ -8,7 +8,7 @@ qualified the same way and select layers of their component by vLLM's substring 
 pattern selects the whole component (``text_encoder:``), which a per-component
 ``quantization_config`` writes as ``"text_encoder": None``.  A group *is* a pattern: its layers
 are exactly what the pattern selects, so what layerscan evaluates is what the engine does with
-the same list.  Components quantized by weight storage (the seed scheme's text encoder and VAE)
+the same list.  Components quantized by weight storage (the seed target's text encoder and VAE)
 are one pseudo-layer each: they are kept in BF16 or not, as a whole.
 """
 

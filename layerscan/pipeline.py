@@ -154,15 +154,15 @@ def load_pipeline(
     trust_remote_code: bool = False,
     revision: str | None = None,
     profile: str | None = None,
-    scheme: str = "vllm-omni",
+    target: str | None = None,
     components: tuple[str, ...] | None = None,
     match: str | None = None,
 ) -> LoadedPipeline:
-    """Load ``model`` in ``dtype`` on ``device`` and index the layers ``scheme`` quantizes.
+    """Load ``model`` in ``dtype`` on ``device`` and index the layers ``target`` quantizes.
 
     ``profile`` names the architecture (default: chosen from the DiT's class); ``components``
     restricts the quantized components; ``match`` overrides how the target matches
-    ``ignored_layers`` (default: the scheme's).
+    ``ignored_layers`` (default: the target's).
     """
     from diffusers import DiffusionPipeline
 
@@ -187,11 +187,11 @@ def load_pipeline(
     pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    loaded = wrap_pipeline(pipe, model, path, fingerprint_dir(path), device, dtype, profile, scheme,
+    loaded = wrap_pipeline(pipe, model, path, fingerprint_dir(path), device, dtype, profile, target,
                            components, match)
     if device.type == "cpu" and loaded.vae is not None and loaded.profile.component("vae") is None:
         # CPUs without BF16 units run BF16 convolutions through a slow reference kernel (the
-        # demo's 64x64 decode: 4.5 s in BF16, 0.05 s in FP32).  A VAE the scheme does not
+        # demo's 64x64 decode: 4.5 s in BF16, 0.05 s in FP32).  A VAE the target does not
         # quantize is outside the FP8 question and shared by every configuration and the
         # baseline, so on the CPU it decodes in FP32; the baseline key records it.
         _decode_in_fp32(loaded.vae, dtype)
@@ -237,12 +237,12 @@ def is_video_pipeline(pipe) -> bool:
 
 
 def wrap_pipeline(pipe, model: str, path: Path, fingerprint: str, device: torch.device,
-                  dtype: torch.dtype, profile: str | None = None, scheme: str = "vllm-omni",
+                  dtype: torch.dtype, profile: str | None = None, target: str | None = None,
                   components: tuple[str, ...] | None = None, match: str | None = None) -> LoadedPipeline:
     """A pipeline already on ``device`` with its profile and layer index."""
     present = {a: getattr(pipe, a) for a in COMPONENT_ATTRS
                if isinstance(getattr(pipe, a, None), nn.Module)}
-    chosen = make_profile(type(pipe.transformer).__name__, profile, scheme, components, match,
+    chosen = make_profile(type(pipe.transformer).__name__, profile, target, components, match,
                           present=tuple(present))
     return LoadedPipeline(pipe, model, path, fingerprint, device, dtype, chosen,
                           LayerIndex.discover(present, chosen), is_video_pipeline(pipe))

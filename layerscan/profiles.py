@@ -1,28 +1,33 @@
-"""What the target engine does with each architecture: which components it quantizes, how, and
-under which names.
+"""What each target release of the serving engine does with each architecture: which components
+it quantizes, how, under which names, how it matches ``ignored_layers`` and which
+``quantization_config`` forms its pipelines load.
 
-Two quantization schemes (``SCHEMES``):
+A *target* (``TARGETS``) is a release whose code decides, named as it is installed:
 
-* ``vllm-omni`` (the default) is what ``Omni(model=..., quantization="fp8")`` runs in vLLM-Omni
-  today: DiT Linears W8A8 online (vLLM parallel linears), the text encoder's language-model
-  Linears W8A8 too where the pipeline builds them as vLLM ``ReplicatedLinear`` layers (Z-Image;
-  Qwen-Image's language-model-only text-encoder module), the vision tower and the VAE untouched.
-  vLLM's ``Fp8Config`` matches ``ignored_layers`` against full layer names *exactly* by default
-  (``ignored_layers_match_mode = "exact"`` in vLLM 0.30), so outputs list full names.
+* ``vllm-omni==0.30.0`` (the default; ``vllm-omni`` means the newest target layerscan knows) is
+  ``Omni(model=..., quantization="fp8")`` in vLLM-Omni 0.30.0 with vLLM 0.30.0: DiT Linears W8A8
+  online (vLLM parallel linears); the text encoder's Linears W8A8 only where the pipeline builds
+  them as vLLM layers under the quant config (Z-Image's causal LM; Qwen-Image loads its
+  Qwen2.5-VL with plain ``nn.Linear`` and never quantizes it); the VAE untouched.  vLLM's
+  ``Fp8Config`` matches ``ignored_layers`` against each layer's full prefix *exactly*, so
+  outputs list full names.  A per-component map loads only where the pipeline looks it up by
+  component name (Wan 2.2); elsewhere vLLM-Omni matches the map's keys against layer prefixes
+  and vLLM refuses to build (Z-Image, FLUX.1), so only the flat form is offered there.
 * ``seed`` is the design of the seed guide (and of vLLM-Omni's early FP8 PRs): DiT W8A8, text
   encoder and VAE with FP8 *weight storage* (dequantized in forward hooks), patterns matched as
-  substrings.
+  substrings, one config per component.
 
-Names are vLLM-Omni's, read from its model code: Qwen-Image fuses ``to_q/k/v`` into
+What is written here about a release is checked against that release's own code by
+``layerscan.target_check`` (tests/test_target_contract.py builds vLLM-Omni's pipelines on the
+CPU and compares, layer by layer).  Names are vLLM-Omni's: Qwen-Image fuses ``to_q/k/v`` into
 ``attn.to_qkv`` and ``add_q/k/v_proj`` into ``attn.add_kv_proj`` and keeps ``attn.to_out.0``;
 Z-Image fuses ``attention.to_q/k/v`` into ``attention.to_qkv`` and ``feed_forward.w1/w3`` into
-``feed_forward.w13``; FLUX.1 quantizes only its single-stream blocks (dual-stream blocks are
-kept in full precision in code); Wan 2.2 fuses the self-attention ``attn1.to_q/k/v`` into
-``attn1.to_qkv``, keeps the cross-attention ``attn2.to_q/k/v`` apart, drops ``to_out``'s ``.0``
-and writes the FFN as ``ffn.net_0.proj`` / ``ffn.net_2``; its second expert ``transformer_2``
-uses the same names.  Text encoders keep their Hugging Face names relative to the module vLLM-Omni
-quantizes (``layers.N.self_attn.q_proj`` for Qwen-Image's language model, ``model.layers.N...``
-for Z-Image's causal LM), every Linear on its own (no q/k/v fusion).
+``feed_forward.w13``; FLUX.1 quantizes only its single-stream blocks; Wan 2.2 fuses the
+self-attention ``attn1.to_q/k/v`` into ``attn1.to_qkv``, keeps the cross-attention
+``attn2.to_q/k/v`` apart, drops ``to_out``'s ``.0`` and writes the FFN as ``ffn.net_0.proj`` /
+``ffn.net_2``; its second expert ``transformer_2`` uses the same names.  Text encoders keep their
+Hugging Face names relative to the module vLLM-Omni quantizes (``model.layers.N...`` for
+Z-Image's causal LM), every Linear on its own (no q/k/v fusion).
 """
 
 from __future__ import annotations
@@ -39,6 +44,26 @@ MATCH_MODES = ("exact", "substring")
 # Sub-module names that only contain the layer that names a family: ``attn.to_qkv`` is the
 # ``to_qkv`` family, ``mlp.down_proj`` the ``down_proj`` family, ``img_mlp.net.2`` is ``img_mlp``.
 CONTAINERS = frozenset({"attn", "attention", "self_attn", "mlp", "feed_forward"})
+
+
+@dataclass(frozen=True)
+class Target:
+    """A release whose code decides what layerscan's answers mean (see the module docstring)."""
+
+    name: str  # as outputs write it and --target takes it: "vllm-omni==0.30.0", "seed"
+    match: str  # how ignored_layers are matched: "exact" or "substring"
+    header: str  # the docs table header its rows use (layerscan.report.table.HEADERS)
+    package: str | None = None  # the distribution whose installed code decides, if any
+    version: str | None = None
+    # Architectures whose pipeline looks a per-component map up by component name; elsewhere a
+    # map's keys are matched against layer prefixes, which fails to load.  None: every one.
+    per_component_routing: frozenset[str] | None = frozenset()
+    # Layers the target quantizes that the pipeline never runs, by architecture and component,
+    # with the reason: they cost nothing in quality and are not search dimensions.
+    unused_layers: tuple[tuple[str, str, str, str], ...] = ()
+
+    def routes_per_component(self, architecture: str) -> bool:
+        return self.per_component_routing is None or architecture in self.per_component_routing
 
 
 @dataclass(frozen=True)
@@ -126,16 +151,27 @@ class Component:
 
 @dataclass(frozen=True)
 class Profile:
-    """One architecture under one scheme: its quantized components and the target's matching."""
+    """One architecture under one target: its quantized components and the target's matching."""
 
     name: str
-    scheme: str
+    target: Target
     components: tuple[Component, ...]
     match: str  # how the target matches ignored_layers: "exact" or "substring"
     display_name: str = ""
-    # Whether the pipeline routes a per-component quantization_config to each component by its
-    # key; otherwise one (flat) config reaches every quantization-aware component.
-    per_component_routing: bool = False
+    # Every component the target quantizes in this architecture (``components`` may be fewer:
+    # ``--components`` or a pipeline without one of them).
+    target_quantizes: tuple[str, ...] = ()
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        """The quantization_config forms this pipeline loads under the target, preferred first.
+
+        The flat form reaches every quantization-aware component; a per-component map only
+        where the pipeline routes it by component name.
+        """
+        if self.target.routes_per_component(self.name):
+            return ("flat", "per_component")
+        return ("flat",)
 
     def component(self, attr: str) -> Component | None:
         return next((c for c in self.components if c.attr == attr), None)
@@ -147,14 +183,13 @@ class Profile:
 
 @dataclass(frozen=True)
 class Architecture:
-    """An architecture and the components each scheme quantizes."""
+    """An architecture and the components each target quantizes."""
 
     name: str
     transformer_classes: tuple[str, ...]
     display_name: str
     dit: Naming
-    schemes: dict  # scheme -> tuple of Component
-    per_component_routing: bool = False
+    targets: dict  # target name -> tuple of Component
 
 
 def _dit(method: str = W8A8, naming: Naming = Naming(), attr: str = "transformer",
@@ -165,9 +200,6 @@ def _dit(method: str = W8A8, naming: Naming = Naming(), attr: str = "transformer
 
 _QWEN_DIT = Naming(rules=((r"\.to_[qkv]$", ".to_qkv"), (r"\.add_[qkv]_proj$", ".add_kv_proj")),
                    families=("to_qkv", "add_kv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp"))
-# Qwen-Image's text encoder is Qwen2.5-VL; only its language model is quantized, named relative
-# to that language model.
-_QWEN_TE = Naming(scope="model.language_model.")
 _Z_DIT = Naming(rules=((r"\.attention\.to_[qkv]$", ".attention.to_qkv"),
                        (r"\.feed_forward\.w[13]$", ".feed_forward.w13")),
                 families=("to_qkv", "to_out", "w13", "w2"))
@@ -194,46 +226,63 @@ def _te(method: str, naming: Naming = Naming()) -> Component:
 
 _VAE = Component("vae", STORAGE, label="VAE")
 
+VLLM_OMNI_0_30 = Target(
+    "vllm-omni==0.30.0", match="exact", header="vllm-omni", package="vllm-omni", version="0.30.0",
+    per_component_routing=frozenset({"wan"}),
+    unused_layers=(("z-image", "text_encoder", "lm_head",
+                    "the pipeline takes hidden states before it; vLLM-Omni builds it quantized"),))
+SEED = Target("seed", match="substring", header="seed", per_component_routing=None)
+TARGETS = {t.name: t for t in (VLLM_OMNI_0_30, SEED)}
+DEFAULT_TARGET = VLLM_OMNI_0_30.name
+TARGET_ALIASES = {"vllm-omni": DEFAULT_TARGET}  # the newest release layerscan knows and has tested
+
 ARCHITECTURES = (
+    # Qwen-Image (and -Edit, same DiT): 0.30.0 loads the Qwen2.5-VL text encoder with
+    # ``from_pretrained`` (plain nn.Linear, no quant config): only the DiT is quantized.
     Architecture("qwen-image", ("QwenImageTransformer2DModel",), "Qwen-Image", _QWEN_DIT, {
-        "vllm-omni": (_dit(naming=_QWEN_DIT), _te(W8A8, _QWEN_TE)),
-        "seed": (_dit(naming=_QWEN_DIT), _te(STORAGE), _VAE),
+        VLLM_OMNI_0_30.name: (_dit(naming=_QWEN_DIT),),
+        SEED.name: (_dit(naming=_QWEN_DIT), _te(STORAGE), _VAE),
     }),
     Architecture("z-image", ("ZImageTransformer2DModel",), "Z-Image", _Z_DIT, {
-        "vllm-omni": (_dit(naming=_Z_DIT), _te(W8A8, _Z_TE)),
-        "seed": (_dit(naming=_Z_DIT), _te(STORAGE)),
+        VLLM_OMNI_0_30.name: (_dit(naming=_Z_DIT), _te(W8A8, _Z_TE)),
+        SEED.name: (_dit(naming=_Z_DIT), _te(STORAGE)),
     }),
     Architecture("flux", ("FluxTransformer2DModel",), "FLUX.1", _FLUX_DIT, {
-        "vllm-omni": (_dit(naming=_FLUX_DIT),),
-        "seed": (_dit(naming=_FLUX_DIT),),
+        VLLM_OMNI_0_30.name: (_dit(naming=_FLUX_DIT),),
+        SEED.name: (_dit(naming=_FLUX_DIT),),
     }),
     # Wan 2.2 A14B: two experts with the same layer names; vLLM-Omni resolves the
     # per-component config for "transformer" and "transformer_2" separately.
     Architecture("wan", ("WanTransformer3DModel",), "Wan2.2", _WAN_DIT, {
-        scheme: _WAN_EXPERTS for scheme in ("vllm-omni", "seed")
-    }, per_component_routing=True),
+        target: _WAN_EXPERTS for target in TARGETS
+    }),
 )
 DEFAULT_ARCHITECTURE = Architecture("default", (), "", Naming(), {
-    "vllm-omni": (_dit(),), "seed": (_dit(),)})
-SCHEMES = ("vllm-omni", "seed")
-DEFAULT_MATCH = {"vllm-omni": "exact", "seed": "substring"}
+    target: (_dit(),) for target in TARGETS})
 
 
 def architecture_names() -> list[str]:
     return [a.name for a in ARCHITECTURES + (DEFAULT_ARCHITECTURE,)]
 
 
-def make_profile(transformer_class: str, name: str | None = None, scheme: str = "vllm-omni",
+def resolve_target(name: str | None) -> Target:
+    """The target called ``name`` (an alias such as ``vllm-omni`` included); one line if unknown."""
+    name = TARGET_ALIASES.get(name or DEFAULT_TARGET, name or DEFAULT_TARGET)
+    if name not in TARGETS:
+        raise UserError(f"unknown target {name!r}; layerscan knows {', '.join(TARGETS)} "
+                        f"(and {', '.join(TARGET_ALIASES)} for the newest)")
+    return TARGETS[name]
+
+
+def make_profile(transformer_class: str, name: str | None = None, target: str | None = None,
                  components: tuple[str, ...] | None = None, match: str | None = None,
                  present: tuple[str, ...] | None = None) -> Profile:
-    """The profile named ``name`` (else the one registered for the DiT class) under ``scheme``.
+    """The profile named ``name`` (else the one registered for the DiT class) under ``target``.
 
-    ``components`` restricts which components are quantized (e.g. only the DiT, for a vLLM-Omni
-    version that does not quantize the text encoder yet); ``present`` drops components the
-    pipeline does not have (a Wan 2.2 pipeline without ``transformer_2``).
+    ``components`` restricts which components are quantized (e.g. only the DiT); ``present``
+    drops components the pipeline does not have (a Wan 2.2 pipeline without ``transformer_2``).
     """
-    if scheme not in SCHEMES:
-        raise UserError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    chosen_target = resolve_target(target)
     if match is not None and match not in MATCH_MODES:
         raise UserError(f"layer match must be one of {', '.join(MATCH_MODES)}")
     known = ARCHITECTURES + (DEFAULT_ARCHITECTURE,)
@@ -244,17 +293,18 @@ def make_profile(transformer_class: str, name: str | None = None, scheme: str = 
     else:
         arch = next((a for a in ARCHITECTURES if transformer_class in a.transformer_classes),
                     DEFAULT_ARCHITECTURE)
-    chosen = arch.schemes[scheme]
+    quantized = arch.targets[chosen_target.name]
+    chosen = quantized
     if present is not None:
         chosen = tuple(c for c in chosen if c.attr in present)
     if components is not None:
-        unknown = set(components) - {c.attr for c in arch.schemes[scheme]}
+        unknown = set(components) - {c.attr for c in quantized}
         if unknown:
-            raise UserError(f"{arch.name} under {scheme} quantizes "
-                            f"{', '.join(c.attr for c in arch.schemes[scheme])}; not "
+            raise UserError(f"{arch.name} under {chosen_target.name} quantizes "
+                            f"{', '.join(c.attr for c in quantized)}; not "
                             f"{', '.join(sorted(unknown))}")
         chosen = tuple(c for c in chosen if c.attr in components)
     if not chosen or chosen[0].attr != "transformer":
         raise UserError("the DiT ('transformer') must be among the quantized components")
-    return Profile(arch.name, scheme, chosen, match or DEFAULT_MATCH[scheme], arch.display_name,
-                   arch.per_component_routing)
+    return Profile(arch.name, chosen_target, chosen, match or chosen_target.match, arch.display_name,
+                   tuple(c.attr for c in quantized))

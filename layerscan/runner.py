@@ -28,6 +28,8 @@ class RunOutcome:
     storage: str | None
     attribution: dict[str, tuple[str, ...]]  # component -> the configuration with it alone in FP8
     notes: dict = field(default_factory=dict)  # the strategy's own report (auto: proxy ranks, costs)
+    # What the target release's own code said of the recommendation (layerscan.target_check).
+    target_check: dict | None = None
 
     @property
     def new_evaluations(self) -> int:

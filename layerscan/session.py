@@ -69,7 +69,7 @@ class Session:
         profile = self.loaded.profile
         fields = dict(baseline=baseline_key(self.loaded, self.spec), metrics=self.metrics,
                       lpips_net=self.study.lpips_net, activation=self.study.activation_scheme,
-                      profile=profile.name, scheme=profile.scheme,
+                      profile=profile.name, target=profile.target.name,
                       components=[(c.attr, c.method) for c in profile.components])
         if "lpips" in self.metrics:  # how images reach the LPIPS network changes its numbers
             fields["lpips_protocol"] = LPIPS_PROTOCOL
@@ -109,7 +109,7 @@ def open_session(
                           study.guidance, study.image, tuple(sorted(study.pipeline_kwargs.items())))
     if loaded is None:
         loaded = load_pipeline(study.model, device, trust_remote_code=trust_remote_code,
-                               revision=study.revision, profile=study.profile, scheme=study.scheme,
+                               revision=study.revision, profile=study.profile, target=study.target,
                                components=study.components, match=study.layer_match)
     metrics = output_metrics(metrics, loaded)
     scorer = Scorer(metrics, study.lpips_net, str(loaded.device), video=loaded.video)

@@ -155,9 +155,9 @@ class Study:
     metrics: tuple[str, ...] = ("lpips", "ssim", "psnr")
     lpips_net: str = "alex"
     criterion: Criterion = field(default_factory=Criterion)
-    scheme: str = "vllm-omni"  # what the target runs: see layerscan.profiles
-    components: tuple[str, ...] | None = None  # quantized components (default: the scheme's)
-    layer_match: str | None = None  # how the target matches ignored_layers (default: the scheme's)
+    target: str = "vllm-omni==0.30.0"  # the release the answer is for: see layerscan.profiles
+    components: tuple[str, ...] | None = None  # quantized components (default: the target's)
+    layer_match: str | None = None  # how the target matches ignored_layers (default: the target's)
     granularity: str = "family"
     text_encoder_granularity: str | None = None  # default: the same as granularity
     strategy: str = "auto"
@@ -192,10 +192,9 @@ class Study:
             elif not low <= threshold.value <= high:
                 raise UserError(f"criterion {name} {threshold.value:g} is outside the "
                                 f"range of {crit.metric} ({low:g} to {high:g})")
-        from layerscan.profiles import MATCH_MODES, SCHEMES
+        from layerscan.profiles import MATCH_MODES, resolve_target
 
-        if self.scheme not in SCHEMES:
-            raise UserError(f"scheme must be one of {', '.join(SCHEMES)}")
+        object.__setattr__(self, "target", resolve_target(self.target).name)
         if self.layer_match is not None and self.layer_match not in MATCH_MODES:
             raise UserError(f"layer_match must be one of {', '.join(MATCH_MODES)}")
         if self.text_encoder_granularity is not None and \

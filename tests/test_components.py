@@ -45,12 +45,11 @@ def test_vllm_omni_keeps_the_planted_text_encoder_layer_and_nothing_in_the_dit(
     rec = _run(te_planted, tmp_path / strategy, two_prompts, "--strategy", strategy,
                "--text-encoder-granularity", "block")
     assert rec["ignored_layers_patterns"] == ["text_encoder:model.layers.1."]
-    per_component = rec["quantization_config_per_component"]
-    assert per_component["transformer"] == {"method": "fp8", "ignored_layers": []}
-    assert per_component["text_encoder"] == {"method": "fp8", "ignored_layers": LAYER_1}
-    assert per_component["vae"] is None
-    # Z-Image's DiT and text encoder names never collide: one flat list says the same.
+    # vLLM-Omni 0.30.0's Z-Image pipeline cannot load a per-component map: it is never offered.
+    assert rec["forms"] == ["flat"] and rec["quantization_config_per_component"] is None
+    # Z-Image's DiT and text encoder names never collide: one flat list says it.
     assert rec["quantization_config"] == {"method": "fp8", "ignored_layers": LAYER_1}
+    assert rec["layers"]["text_encoder"]["bf16"] == LAYER_1 and not rec["layers"]["transformer"]["bf16"]
     attribution = rec["attribution"]
     assert attribution["text_encoder"]["passes"] is False  # the text encoder alone in FP8 fails
     assert attribution["transformer"]["passes"] is True  # the DiT alone in FP8 is fine
@@ -63,8 +62,8 @@ def test_vllm_omni_keeps_the_planted_text_encoder_layer_and_nothing_in_the_dit(
 
 
 def test_seed_text_encoder_needs_nothing(te_planted, two_prompts, tmp_path):
-    rec = _run(te_planted, tmp_path / "seed", two_prompts, "--scheme", "seed", "--strategy", "greedy")
-    assert rec["scheme"] == "seed" and rec["layer_match"] == "substring"
+    rec = _run(te_planted, tmp_path / "seed", two_prompts, "--target", "seed", "--strategy", "greedy")
+    assert rec["target"] == "seed" and rec["layer_match"] == "substring"
     assert rec["ignored_layers_patterns"] == []
     assert rec["quantization_config"] == {"method": "fp8", "ignored_layers": []}
 

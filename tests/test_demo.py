@@ -319,7 +319,7 @@ def test_demo_is_the_default_model_and_scores_accuracy(tmp_path, capsys, one_cpu
 def test_fp8_erases_the_planted_img_mlp_and_keeping_it_restores_the_picture(tmp_path, one_cpu_thread):
     """The shipped demo carries a massive activation in every block's img_mlp (training.json
     says how it was planted): FP8 everywhere fails the demo study's criterion by far, and
-    img_mlp kept in BF16 passes it, on one picture as on the study's eight."""
+    img_mlp kept in BF16 restores the picture."""
     from layerscan.evaluate import evaluate
     from layerscan.session import open_session
     from layerscan.study import build_study, load_study
@@ -327,7 +327,7 @@ def test_fp8_erases_the_planted_img_mlp_and_keeping_it_restores_the_picture(tmp_
     record = json.loads((DEMO_PIPELINE_DIR / "training.json").read_text())
     assert record["planted"]["family"] == "img_mlp"
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a yellow square in the top right on a black background\n")
+    prompts.write_text("a red square in the center on a white background\n")
     values = load_study("demo")
     values.update(prompts=str(prompts), seeds=[0])
     session = open_session(build_study(values), "cpu", warn=lambda m: None)

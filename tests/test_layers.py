@@ -1,5 +1,5 @@
 """Discovery, vLLM-Omni names, vLLM's substring rule and grouping on real diffusers/transformers
-models, per component and per scheme."""
+models, per component and per target."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from layerscan.layers import LayerIndex, is_layer_skipped, qualify, split_patter
 from layerscan.profiles import ARCHITECTURES, family_key, make_profile
 
 
-def index_for(modules: dict, scheme: str = "vllm-omni", name: str | None = None) -> LayerIndex:
-    profile = make_profile(type(modules["transformer"]).__name__, name, scheme,
+def index_for(modules: dict, target: str = "vllm-omni==0.30.0", name: str | None = None) -> LayerIndex:
+    profile = make_profile(type(modules["transformer"]).__name__, name, target,
                            present=tuple(modules))
     return LayerIndex.discover(modules, profile)
 
@@ -123,32 +123,44 @@ def test_groups_cover_layers_and_params(qwen):
     assert all(n.startswith("transformer_blocks.1.") for n in block1.layers)  # not block 10, 11
 
 
-def test_text_encoder_is_searched_under_vllm_omni_language_model_only(qwen_pipe):
+def test_qwen_image_text_encoder_is_not_quantized_by_vllm_omni_0_30(qwen_pipe):
     modules = {"transformer": qwen_pipe.transformer, "text_encoder": qwen_pipe.text_encoder,
                "vae": qwen_pipe.vae}
     index = index_for(modules)
+    assert index.components == ["transformer"]  # 0.30.0 loads Qwen2.5-VL unquantized
+    assert index.profile.target_quantizes == ("transformer",)
+    with pytest.raises(UserError, match="does not quantize|not text_encoder|names component"):
+        index.validate(["text_encoder:layers.0."])
+
+
+def test_text_encoder_groups_under_vllm_omni_z_image():
+    from layerscan.pipeline import load_pipeline
+    from layerscan.tiny import tiny_pipeline_dir
+
+    index = load_pipeline(str(tiny_pipeline_dir("tiny-z-image")), "cpu").index
     assert index.components == ["transformer", "text_encoder"]  # no VAE under vllm-omni
     te = index.of("text_encoder")
-    # Qwen2.5-VL: the language model's layers, named relative to it, no vision tower, no lm_head.
-    assert {l.engine_name for l in te} == {f"layers.{i}.{p}" for i in range(2) for p in (
+    depth = len({l.engine_name.split(".")[2] for l in te})
+    # Every Linear on its own, named from the causal LM's root as vLLM-Omni builds it.
+    assert {l.engine_name for l in te} == {f"model.layers.{i}.{p}" for i in range(depth) for p in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     te_families = [g.pattern for g in index.groups("family") if g.component == "text_encoder"]
     assert te_families == [f"text_encoder:{f}" for f in (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
     blocks = [g for g in index.groups("family", "block") if g.component == "text_encoder"]
-    assert [g.pattern for g in blocks] == ["text_encoder:layers.0.", "text_encoder:layers.1."]
+    assert [g.pattern for g in blocks] == [f"text_encoder:model.layers.{i}." for i in range(depth)]
     whole = [g for g in index.groups("family", "component") if g.component == "text_encoder"]
-    assert [g.pattern for g in whole] == ["text_encoder:"] and len(whole[0].layers) == 14
+    assert [g.pattern for g in whole] == ["text_encoder:"] and len(whole[0].layers) == 7 * depth
     # A DiT pattern never selects text-encoder layers and vice versa.
     assert all(l.component == "transformer" for l in index.match("to_qkv"))
-    assert {l.component for l in index.match("text_encoder:layers.1.")} == {"text_encoder"}
+    assert {l.component for l in index.match("text_encoder:model.layers.1.")} == {"text_encoder"}
 
 
-def test_seed_scheme_stores_text_encoder_and_vae_as_whole_components(qwen_pipe):
+def test_seed_target_stores_text_encoder_and_vae_as_whole_components(qwen_pipe):
     modules = {"transformer": qwen_pipe.transformer, "text_encoder": qwen_pipe.text_encoder,
                "vae": qwen_pipe.vae}
-    index = index_for(modules, scheme="seed")
+    index = index_for(modules, target="seed")
     assert index.profile.match == "substring"
     groups = index.groups("family")
     assert [g.pattern for g in groups if g.component != "transformer"] == ["text_encoder:", "vae:"]
@@ -210,10 +222,12 @@ def test_default_profile_for_unknown_architecture():
     assert index.total_params == 3 * (64 + 8)
 
 
-def test_unknown_scheme_and_profile_are_one_line_errors():
-    with pytest.raises(UserError, match="unknown quantization scheme"):
-        make_profile("QwenImageTransformer2DModel", scheme="int4")
+def test_unknown_target_and_profile_are_one_line_errors():
+    with pytest.raises(UserError, match="unknown target"):
+        make_profile("QwenImageTransformer2DModel", target="int4")
     with pytest.raises(UserError, match="unknown architecture profile"):
         make_profile("QwenImageTransformer2DModel", name="nope")
     with pytest.raises(UserError, match="quantizes transformer, text_encoder; not vae"):
-        make_profile("QwenImageTransformer2DModel", components=("transformer", "vae"))
+        make_profile("ZImageTransformer2DModel", components=("transformer", "vae"))
+    with pytest.raises(UserError, match="quantizes transformer; not text_encoder"):
+        make_profile("QwenImageTransformer2DModel", components=("transformer", "text_encoder"))

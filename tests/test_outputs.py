@@ -11,9 +11,6 @@ from layerscan.report.outputs import cli_flags, quantization_configs, serve_flag
 from layerscan.report.table import HEADERS, render_table, table_row, update_docs_table
 
 IMG_MLP = [f"transformer_blocks.{i}.img_mlp.{leaf}" for i in range(4) for leaf in ("net.0.proj", "net.2")]
-TE = [f"layers.{i}.{p}" for i in range(2) for p in (
-    "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-    "self_attn.q_proj", "self_attn.v_proj")]
 
 # vLLM-Omni's FP8 page as it is today (rows abridged), and as the seed guide had it.
 UPSTREAM = """# FP8
@@ -34,14 +31,24 @@ SEED = """| Model | HF Models | DiT FP8 | Text Encoder FP8 | VAE FP8 | `ignored_
 """
 
 
+NOT_QUANTIZED = "No (vllm-omni==0.30.0 does not quantize it)"
+
+
 @pytest.fixture(scope="module")
 def omni(tiny_qwen_dir):
     return load_pipeline(str(tiny_qwen_dir), "cpu")
 
 
 @pytest.fixture(scope="module")
+def z_image():
+    from layerscan.tiny import tiny_pipeline_dir
+
+    return load_pipeline(str(tiny_pipeline_dir("tiny-z-image")), "cpu")
+
+
+@pytest.fixture(scope="module")
 def seed(tiny_qwen_dir):
-    return load_pipeline(str(tiny_qwen_dir), "cpu", scheme="seed")
+    return load_pipeline(str(tiny_qwen_dir), "cpu", target="seed")
 
 
 def record(*config: str) -> TrialRecord:
@@ -52,21 +59,22 @@ def test_exact_matching_lists_every_layer_and_the_flat_form_is_equivalent(omni):
     configs = quantization_configs(record("img_mlp"), omni)
     assert configs["flat"] == {"method": "fp8", "ignored_layers": IMG_MLP}
     assert configs["paste"] is configs["flat"]
-    assert configs["per_component"] == {
-        "transformer": {"method": "fp8", "ignored_layers": IMG_MLP},
-        "text_encoder": {"method": "fp8", "ignored_layers": []},
-        "vae": None,  # vllm-omni does not quantize the VAE
-    }
+    assert configs["per_component"] is None  # Qwen-Image's pipeline does not route a map by name
     assert cli_flags(configs["flat"]) == f'--quantization fp8 --ignored-layers "{",".join(IMG_MLP)}"'
     assert serve_flag(configs["flat"]).startswith("--diffusion-quantization-config '{\"method\":\"fp8\"")
 
 
-def test_a_text_encoder_kept_whole_is_none_per_component_and_listed_in_full_flat(omni):
-    configs = quantization_configs(record("text_encoder:", "img_mlp"), omni)
-    assert configs["per_component"]["text_encoder"] is None
-    assert configs["flat"]["ignored_layers"] == sorted(IMG_MLP + TE)
-    one_layer = quantization_configs(record("text_encoder:layers.1."), omni)
-    assert one_layer["per_component"]["text_encoder"]["ignored_layers"] == [n for n in TE if n.startswith("layers.1.")]
+def test_a_text_encoder_kept_whole_is_listed_in_full_flat_and_none_per_component(z_image, seed):
+    w2 = [l.engine_name for l in z_image.index.of("transformer") if l.engine_name.endswith(".w2")]
+    TE = [l.engine_name for l in z_image.index.of("text_encoder")]
+    configs = quantization_configs(record("text_encoder:", "w2"), z_image)
+    assert configs["per_component"] is None  # Z-Image's pipeline cannot load a map
+    assert configs["paste"]["ignored_layers"] == sorted(w2 + TE)
+    one_layer = quantization_configs(record("text_encoder:model.layers.1."), z_image)
+    assert one_layer["paste"]["ignored_layers"] == sorted(n for n in TE if n.startswith("model.layers.1."))
+    # Where a map is the only way to say it (seed: a text encoder stored whole), it is None there.
+    stored = quantization_configs(record("text_encoder:", "img_mlp"), seed)
+    assert stored["per_component"]["text_encoder"] is None and stored["flat"] is None
 
 
 def test_substring_matching_keeps_the_compact_patterns(seed):
@@ -90,7 +98,7 @@ def test_update_fills_todays_upstream_columns_and_keeps_every_other_byte(omni, t
     qwen = next(l for l in lines if l.startswith("| Qwen-Image |"))
     # Pre-calibrated is not something a run measures: the existing cell stays.
     assert qwen == ("| Qwen-Image | `Qwen/Qwen-Image` | Yes | Yes | Keep `img_mlp` in BF16 | "
-                    "`img_mlp` | ✅︎ |")
+                    f"`img_mlp` | {NOT_QUANTIZED} |")
     before_lines = UPSTREAM.split("\n")
     assert [l for l in lines if not l.startswith("| Qwen-Image |")] == \
         [l for l in before_lines if not l.startswith("| Qwen-Image |")]
@@ -100,7 +108,7 @@ def test_update_fills_todays_upstream_columns_and_keeps_every_other_byte(omni, t
     inserted = doc.read_bytes().decode().split("\r\n")
     assert inserted[inserted.index(next(l for l in inserted if l.startswith("| Z-Image"))) + 1] == \
         ("| Tiny | `org/tiny` | No | | Keep BF16: no FP8 configuration met psnr mean >= 40 "
-         "(see the layerscan report) | TBD | |")
+         f"(see the layerscan report) | TBD | {NOT_QUANTIZED} |")
 
 
 def test_update_fills_the_seed_columns(seed, tmp_path):
@@ -121,7 +129,7 @@ def test_a_header_it_cannot_map_is_one_line(tmp_path, omni):
 
 
 def test_render_table_under_either_header(omni):
-    row = dict(table_row("Qwen-Image", "Qwen/Qwen-Image", omni, record(), "c"), _scheme="vllm-omni")
+    row = dict(table_row("Qwen-Image", "Qwen/Qwen-Image", omni, record(), "c"), _header="vllm-omni")
     today = render_table([row])
-    assert today.startswith(HEADERS["vllm-omni"]) and "| All layers | None | ✅︎ |" in today
-    assert render_table([row], HEADERS["seed"]).endswith("| ✅︎ | ✅︎ | — | None |\n")
+    assert today.startswith(HEADERS["vllm-omni"]) and f"| All layers | None | {NOT_QUANTIZED} |" in today
+    assert render_table([row], HEADERS["seed"]).endswith("| ✅︎ | — | — | None |\n")

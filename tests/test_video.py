@@ -236,7 +236,7 @@ def test_the_wan_study_fills_upstreams_tbd_row_under_both_headers(planted, greed
     row = table_row(study.name, study.model, planted.loaded, record, study.criterion.describe())
     omni = render_row(row, column_keys(HEADERS["vllm-omni"].splitlines()[0], "test"))
     assert omni == ("| Wan2.2 | `Wan-AI/Wan2.2-T2V-A14B-Diffusers` | Yes | | Keep `transformer_2:ffn` "
-                    "in BF16 | `transformer_2:ffn` | |")
+                    "in BF16 | `transformer_2:ffn` | No (vllm-omni==0.30.0 does not quantize it) |")
     seed = render_row(row, column_keys(HEADERS["seed"].splitlines()[0], "test"))
     assert seed == "| Wan2.2 | `Wan-AI/Wan2.2-T2V-A14B-Diffusers` | ✅︎ | — | — | `transformer_2:ffn` |"
     docs = tmp_path / "fp8.md"

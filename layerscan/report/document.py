@@ -104,7 +104,7 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     rec = outcome.recommended
 
     row = table_row(display, study.model, loaded, rec, crit.describe())
-    header = HEADERS[loaded.profile.scheme]
+    header = HEADERS[loaded.profile.target.header]
     row_line = render_row(row, column_keys(header.splitlines()[0], "header"))
     (out_dir / "row.md").write_text(row_line + "\n", encoding="utf-8")
     cost = _cost(outcome)
@@ -118,6 +118,7 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
         "pareto_front": [list(r.config or ()) for r in outcome.pareto],
         "storage": _redact(outcome.storage),
         "display_name": display, "table_row": row,
+        "target_check": outcome.target_check,
     })
     trials_frame(outcome.records, session.metrics, session.floor).to_csv(out_dir / "trials.csv", index=False)
 
@@ -291,6 +292,13 @@ def _comparisons(session: Session, outcome: RunOutcome) -> list[str]:
     return lines
 
 
+def _check_line(check: dict | None) -> str:
+    """Whether the target release's own code agrees with the recommendation (``layerscan check``)."""
+    if check is None:
+        return "Not checked against the target's code (run `layerscan check` on this report)."
+    return check["line"]
+
+
 def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> str:
     study, loaded, crit = session.study, session.loaded, session.criterion
     rec, ledger = outcome.recommended, outcome.ledger
@@ -308,7 +316,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
     out = [f"# layerscan report: {display} (`{study.model}`)", ""]
     out += ["## Summary", "",
             f"- Model: `{study.model}` (content fingerprint `{loaded.fingerprint}`), profile "
-            f"`{profile.name}` under the `{profile.scheme}` scheme: quantized {components}; "
+            f"`{profile.name}` for `{profile.target.name}`: quantized {components}; "
             f"`ignored_layers` matched {profile.match}ly by the target.",
             f"- Prompts: {len(session.spec.prompts)} × seeds {list(session.spec.seeds)} = "
             f"{_outputs_text(session)}; {session.spec.steps} steps, "
@@ -335,16 +343,25 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
         configs = quantization_configs(rec, loaded)
         direction = "lower" if crit.lower_is_better else "higher"
         out += [f"**{describe(rec.config)}**: {crit.metric} mean {_with_ci(rec, crit.metric)}, "
-                f"worst {_fmt(rec.worst[crit.metric], crit.metric)} ({direction} is better).", "",
-                "```python", f'Omni(model="{study.model}",',
-                f"     quantization_config={json.dumps(configs['paste'])})", "```", "",
-                f"Serving: `{serve_flag(configs['paste'])}`", ""]
-        if configs["flat"] is not None and configs["paste"] is configs["flat"]:
-            out += ["Per component (for pipelines that route a per-component config): "
-                    f"`{json.dumps(configs['per_component'])}`", ""]
+                f"worst {_fmt(rec.worst[crit.metric], crit.metric)} ({direction} is better).", ""]
+        target = profile.target.name
+        if configs["paste"] is None:
+            out += [f"No config form that `{target}` loads for this pipeline selects exactly these "
+                    "layers, so there is nothing to paste.", ""]
+        else:
+            out += [f"For `{target}`:", "", "```python", f'Omni(model="{study.model}",',
+                    f"     quantization_config={json.dumps(configs['paste'])})", "```", "",
+                    f"Serving: `{serve_flag(configs['paste'])}`", ""]
+        if configs["per_component"] is not None and configs["paste"] is configs["flat"]:
+            out += ["The same per component (this pipeline routes a per-component config by "
+                    f"component name): `{json.dumps(configs['per_component'])}`", ""]
+        elif configs["per_component"] is None:
+            out += [f"Only the flat form is given: `{target}`'s pipeline for this model matches a "
+                    "per-component map's keys against layer prefixes, and such a map fails to load.", ""]
         elif configs["flat"] is None:
             out += ["The flat form `{\"method\": \"fp8\", \"ignored_layers\": [...]}` would not select "
                     "the same layers in every component here, so only the per-component form is given.", ""]
+        out += [_check_line(outcome.target_check), ""]
         if profile.match == "exact" and rec.config:
             out += [f"The lists name every layer: vLLM matches `ignored_layers` exactly by default, so "
                     f"the compact patterns ({', '.join(f'`{p}`' for p in rec.config)}) would skip "

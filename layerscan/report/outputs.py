@@ -1,13 +1,16 @@
 """The machine-readable outputs: recommendation.json, row.md and trials.csv.
 
-``quantization_config`` is written the way the target takes it.  Per component: the key of each
-pipeline component, ``None`` for a component left in BF16 (or never quantized), otherwise
-``{"method": "fp8", "ignored_layers": [...]}``.  The flat form ``{"method": "fp8",
-"ignored_layers": [...]}`` reaches every quantization-aware component with one list; it is given
-when it selects exactly the same layers in every component.  The lists are spelled for the
-target's matching (``Profile.match``): full layer names under vLLM's default exact matching
-(a family pattern such as ``img_mlp`` would skip nothing there), the shortest substring
-patterns under substring matching.
+``quantization_config`` is written the way the target takes it, in a form its pipeline loads
+(``Profile.forms``).  The flat form ``{"method": "fp8", "ignored_layers": [...]}`` reaches every
+quantization-aware component with one list; it is given when it selects exactly the intended
+layers in every component.  Per component: the key of each pipeline component, ``None`` for a
+component left in BF16 (or never quantized), otherwise ``{"method": "fp8", "ignored_layers":
+[...]}``; only for pipelines that route such a map by component name (vLLM-Omni 0.30.0: Wan
+2.2; elsewhere the map fails to load).  The lists are spelled for the target's matching
+(``Profile.match``): full layer names under vLLM's default exact matching (a family pattern
+such as ``img_mlp`` would skip nothing there), the shortest substring patterns under substring
+matching.  ``layers`` states the intent layer by layer (every quantized layer's name as the
+target builds it, FP8 or BF16), which ``layerscan check`` holds the target's own code to.
 """
 
 from __future__ import annotations
@@ -53,20 +56,37 @@ def ignored_list(component: str, patterns: list[str], index: LayerIndex) -> list
 
 
 def quantization_configs(record: TrialRecord, loaded: LoadedPipeline) -> dict:
-    """``per_component``, ``flat`` (None when not equivalent) and ``paste`` (what to use)."""
+    """``flat`` (None when not equivalent), ``per_component`` (None where the pipeline does not
+    load that form) and ``paste``: the first form the pipeline loads that says it (None if none
+    does)."""
     index = loaded.index
     kept = kept_by_component(record.config or (), index)
-    per_component: dict[str, dict | None] = {}
-    for attr in loaded.components:
-        if attr not in kept or kept[attr] is None:
-            per_component[attr] = None  # not quantized by this profile, or kept whole in BF16
-            continue
-        per_component[attr] = {"method": METHOD,
-                               "ignored_layers": ignored_list(attr, kept[attr], index)}
+    per_component: dict[str, dict | None] | None = None
+    if "per_component" in loaded.profile.forms:
+        per_component = {}
+        for attr in loaded.components:
+            if attr not in kept or kept[attr] is None:
+                per_component[attr] = None  # not quantized by this profile, or kept whole in BF16
+                continue
+            per_component[attr] = {"method": METHOD,
+                                   "ignored_layers": ignored_list(attr, kept[attr], index)}
     flat = _flat_if_equivalent(kept, index)
-    needs_per_component = flat is None
     return {"per_component": per_component, "flat": flat,
-            "paste": per_component if needs_per_component else flat}
+            "paste": flat if flat is not None else per_component}
+
+
+def intended_layers(record: TrialRecord | None, index: LayerIndex) -> dict[str, dict[str, list[str]]]:
+    """Per W8A8 component, the target's names of the layers meant to run in FP8 and in BF16."""
+    skipped = index.skipped(record.config or ()) if record is not None else set()
+    out: dict[str, dict[str, list[str]]] = {}
+    for component in index.components:
+        if index.method(component) == STORAGE:
+            continue
+        layers = index.of(component)
+        out[component] = {
+            "fp8": sorted(l.engine_name for l in layers if l.name not in skipped),
+            "bf16": sorted(l.engine_name for l in layers if l.name in skipped)}
+    return out
 
 
 def _flat_if_equivalent(kept: dict[str, list[str] | None], index: LayerIndex) -> dict | None:
@@ -112,24 +132,40 @@ def serve_flag(config: dict) -> str:
     return f"--diffusion-quantization-config '{json.dumps(config, separators=(',', ':'))}'"
 
 
-def write_recommendation(path: Path, model: str, recommended: TrialRecord | None,
-                         baseline: TrialRecord | None, loaded: LoadedPipeline, extra: dict) -> dict:
-    """recommendation.json: pasteable into ``Omni(model=..., quantization_config=...)``."""
+def paste_forms(model: str, recommended: TrialRecord | None, loaded: LoadedPipeline) -> dict:
+    """What the recommendation says to the target: the release, the config in each form its
+    pipeline loads, and the intended precision of every quantized layer (what ``layerscan
+    check`` holds the release's code to)."""
     profile = loaded.profile
-    data: dict = {"model": model, "scheme": profile.scheme, "layer_match": profile.match}
+    data: dict = {"model": model, "target": profile.target.name, "architecture": profile.name,
+                  "layer_match": profile.match, "forms": list(profile.forms)}
     if recommended is None:
         data.update(quantization_config=None,
                     note="no FP8 configuration met the criterion; keep this model in BF16 "
                          "or relax the criterion (report.md says which component sets the floor)")
-    else:
-        configs = quantization_configs(recommended, loaded)
+        return data
+    configs = quantization_configs(recommended, loaded)
+    if configs["paste"] is None:
+        data["note"] = (f"no config form that {profile.target.name} loads for this pipeline "
+                        "selects exactly these layers")
+    data.update(
+        quantization_config=configs["paste"],
+        quantization_config_per_component=configs["per_component"],
+        quantization_config_flat=configs["flat"],
+        ignored_layers_patterns=list(recommended.config or ()),
+        cli=cli_flags(configs["flat"]),
+        serve=serve_flag(configs["paste"]) if configs["paste"] is not None else None,
+        layers=intended_layers(recommended, loaded.index),
+    )
+    return data
+
+
+def write_recommendation(path: Path, model: str, recommended: TrialRecord | None,
+                         baseline: TrialRecord | None, loaded: LoadedPipeline, extra: dict) -> dict:
+    """recommendation.json: pasteable into ``Omni(model=..., quantization_config=...)``."""
+    data = paste_forms(model, recommended, loaded)
+    if recommended is not None:
         data.update(
-            quantization_config=configs["paste"],
-            quantization_config_per_component=configs["per_component"],
-            quantization_config_flat=configs["flat"],
-            ignored_layers_patterns=list(recommended.config or ()),
-            cli=cli_flags(configs["flat"]),
-            serve=serve_flag(configs["paste"]),
             metrics={"mean": recommended.mean, "worst": recommended.worst, "ci95": recommended.ci},
             weight_bytes=recommended.weight_bytes,
             total_weight_bytes=recommended.total_weight_bytes,

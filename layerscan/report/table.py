@@ -58,11 +58,18 @@ def table_row(display_name: str, model_id: str, loaded, record, criterion: str) 
     def fp8(component: str) -> bool:  # quantized by the profile and not kept whole
         return component in quantized and record is not None and kept.get(component, []) is not None
 
+    def text_encoder_cell() -> str:
+        if fp8("text_encoder") and index.method("text_encoder") != "storage":
+            return YES
+        if "text_encoder" in loaded.components and "text_encoder" not in loaded.profile.target_quantizes:
+            return f"No ({loaded.profile.target.name} does not quantize it)"
+        return ""
+
     return {
         "model": display_name, "model_id": model_id, "hf_models": f"`{model_id}`",
         "online": online, "pre_calibrated": None, "recommendation": advice,
         "ignored_layers": ignored,
-        "text_encoder_quantization": YES if fp8("text_encoder") and index.method("text_encoder") != "storage" else "",
+        "text_encoder_quantization": text_encoder_cell(),
         "dit_fp8": YES if fp8("transformer") else NO,
         "text_encoder_fp8": YES if fp8("text_encoder") else NO,
         "vae_fp8": YES if fp8("vae") else NO,
@@ -102,13 +109,20 @@ def render_row(row: dict, keys: list[str], existing: list[str] | None = None) ->
     return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
 
 
+def _header_of(data: dict) -> str:
+    """The docs header of the target a recommendation was written for."""
+    from layerscan.profiles import resolve_target
+
+    return resolve_target(data["target"]).header
+
+
 def read_rows(report_dirs: list[Path]) -> list[dict]:
     rows = []
     for directory in report_dirs:
         path = directory / "recommendation.json" if directory.is_dir() else directory
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            rows.append(dict(data["table_row"], _scheme=data.get("scheme", "vllm-omni")))
+            rows.append(dict(data["table_row"], _header=_header_of(data)))
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"no layerscan recommendation.json with a table row in {directory}: "
                             "is it a layerscan report directory?") from None
@@ -116,8 +130,8 @@ def read_rows(report_dirs: list[Path]) -> list[dict]:
 
 
 def render_table(rows: list[dict], header: str | None = None) -> str:
-    """The whole table under ``header`` (default: the header of the first row's scheme)."""
-    header = header or HEADERS[rows[0]["_scheme"] if rows else "vllm-omni"]
+    """The whole table under ``header`` (default: the header of the first row's target)."""
+    header = header or HEADERS[rows[0]["_header"] if rows else "vllm-omni"]
     keys = column_keys(header.splitlines()[0], "table header")
     return header + "".join(render_row(row, keys) + "\n" for row in rows)
 

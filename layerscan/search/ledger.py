@@ -36,7 +36,7 @@ class BudgetExhausted(Exception):
 class TrialStore:
     """Every evaluated configuration, appended to a JSON-lines file the moment it finishes.
 
-    Records made under other evaluation settings (another prompt set, metric, scheme or model)
+    Records made under other evaluation settings (another prompt set, metric, target or model)
     carry another key and are ignored.  A line cut short by a kill is skipped: that evaluation
     simply runs again.
     """
