@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="demo")
     p.add_argument("--study", default="demo")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--scheme", default="vllm-omni")
+    p.add_argument("--target", default="vllm-omni==0.30.0")
     p.add_argument("--gemm", choices=("native", "fp32"), default="native")
     p.add_argument("--compare", type=Path, help="another device's --out directory")
     p.add_argument("--out", type=Path, required=True)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gemm == "fp32":
         fp8.fp8_linear = fp32_arithmetic  # Fp8Linear.forward looks it up at call time
     values = load_study(args.study)
-    values.update(model=args.model, scheme=args.scheme, compile=False)
+    values.update(model=args.model, target=args.target, compile=False)
     study = build_study(values)
     session = open_session(study, args.device, cache_root=args.out / "cache")
     index = session.loaded.index
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         configs[f"keep {component} whole"] = (qualify(component, ""),)
     spec = session.spec
     names = [spec.image_name(i) for i in range(len(spec.items()))]
-    results: dict = {"device": str(session.loaded.device), "gemm": args.gemm, "scheme": args.scheme,
+    results: dict = {"device": str(session.loaded.device), "gemm": args.gemm, "target": args.target,
                      "torch": torch.__version__, "floor": session.floor.as_dict(), "configs": {}}
     if session.loaded.device.type == "cuda":
         results["device"] += f" ({torch.cuda.get_device_name(session.loaded.device)})"
