@@ -289,11 +289,11 @@ def test_two_workers_evaluate_every_configuration_once(planted_dir, two_prompts,
     assert [c for c, n in Counter(evaluated).items() if n > 1] == []  # nobody evaluated twice
     study = _study(url, slug)
     recorded = [t.system_attrs[CONFIG_ATTR] for t in study.trials if record_of(t) is not None]
-    # Every evaluation is in the shared study, except the attribution's whole components,
-    # which the search's groups (families) cannot express; the budget counts them too.
-    outside = [c for c in mine if c not in recorded]
-    assert outside and all(any(p.endswith(":") for p in json.loads(c)) for c in outside)
-    assert sorted(recorded + outside) == sorted(evaluated)
+    # Every evaluation is in the shared study: under vllm-omni==0.30.0 the planted Qwen-Image
+    # quantizes its DiT alone, so the attribution's one configuration (all FP8) is one the
+    # search's groups express too.  A whole component in BF16 would be the only exception.
+    assert [c for c in mine if c not in recorded] == []
+    assert sorted(recorded) == sorted(evaluated)
     assert len(evaluated) == budget
     for t in study.trials:  # proposals of a known configuration were answered without evaluating
         if record_of(t) is None and t.state == optuna.trial.TrialState.COMPLETE:
