@@ -79,7 +79,7 @@ STUDY_FIELDS = ("model", "revision", "prompts", "seeds", "steps", "height", "wid
 
 
 def _study(args: argparse.Namespace, **extra):
-    from layerscan.study import build_study, find_study_for_model, load_study
+    from layerscan.study import build_study, check_settings, find_study_for_model, load_study
 
     if not args.study and not args.model:
         print(f"no --model: using the built-in {DEFAULT_MODEL} model (a small trained Qwen-Image)",
@@ -94,7 +94,8 @@ def _study(args: argparse.Namespace, **extra):
         values.pop("criterion_worst", None)
     if study_path and not args.study:
         print(f"using study {study_path}", file=sys.stderr)
-    values.update({k: getattr(args, k) for k in STUDY_FIELDS if getattr(args, k, None) is not None})
+    flags = {k: getattr(args, k) for k in STUDY_FIELDS if getattr(args, k, None) is not None}
+    values.update(check_settings(flags, as_flags=True))  # a bad flag is named as typed
     values.update({k: v for k, v in extra.items() if v is not None})
     return build_study(values)
 
@@ -137,12 +138,16 @@ def cmd_eval(args) -> int:
     from layerscan.evaluate import evaluate
     from layerscan.report.plots import format_bytes
 
+    from layerscan.pipeline import check_device
+    from layerscan.rundir import prepare_dir
+
     study = _study(args)
+    check_device(args.device)
+    out = prepare_dir(args.out or Path("reports") / study.slug / "eval")
     session = _session(args, study)
     config = None if args.bf16 else list(args.ignore or [])
     if config:
         session.loaded.index.validate(config)
-    out = args.out or Path("reports") / study.slug / "eval"
     record = evaluate(session.engine, config, session.spec, session.baseline, session.scorer,
                       session.criterion, image_dir=out / "images")
     print(f"configuration: {record.label}   device: {record.device}   status: {record.status}")
@@ -167,14 +172,28 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from layerscan.pipeline import check_device
+    from layerscan.rundir import hold_run_dir
+
+    # Everything a user can get wrong is refused here, before the model loads.
+    study = _study(args)
+    check_device(args.device)
+    if args.gpus is not None or args.workers is not None:
+        from layerscan.workers import plan_slots
+
+        plan_slots(args.gpus, args.workers, args.device)  # checks the counts and GPUs only
+    out = args.out or Path("reports") / study.slug
+    with hold_run_dir(out, wait=args.wait):
+        return _run_in(args, study, out)
+
+
+def _run_in(args, study, out: Path) -> int:
     from layerscan.engine import describe
     from layerscan.report.document import write_report
     from layerscan.runner import run_study
 
-    study = _study(args)
-    out = args.out or Path("reports") / study.slug
     pool = None
-    if args.gpus is not None or args.workers:  # one worker per GPU, or N on CPU
+    if args.gpus is not None or args.workers is not None:  # one worker per GPU, or N on CPU
         from layerscan.workers import pool_for_run
 
         pool = pool_for_run(args, study, out)
@@ -202,7 +221,9 @@ def cmd_run(args) -> int:
         print(outcome.target_check["line"].replace("**", ""))
     # Every process's records count (a shared study's workers included), as in the report.
     print(f"{outcome.ledger.cost()['configurations']} FP8 configurations on record "
-          f"({outcome.new_evaluations} evaluated now); report: {path}")
+          f"({outcome.evaluated_now_text()}); report: {path}")
+    if not outcome.final:
+        print(f"not final: {outcome.why_not_final}", file=sys.stderr)
     if outcome.stop_reason == "interrupted":
         print(INTERRUPTED_MESSAGE, file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -311,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output directory)")
     p.add_argument("--out", type=Path, help="report directory (default: reports/<model-slug>)")
+    p.add_argument("--wait", action="store_true",
+                   help="when another run holds --out, wait for it instead of exiting")
     _add_worker_flags(p)
     p.set_defaults(func=cmd_run)
 

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,12 +121,15 @@ def _graphs_compiled() -> int:
 
 
 def iter_images(
-    loaded: LoadedPipeline, spec: GenerationSpec, start: int = 0
+    loaded: LoadedPipeline, spec: GenerationSpec, start: int = 0, only: set[int] | None = None
 ) -> Iterator[tuple[int, np.ndarray, float, bool]]:
-    """Yield (index, image, seconds, compiled) per image from index ``start`` on, so callers
-    can stop early, resume, or show progress; ``compiled``: torch.compile built a graph while
-    this image was generated, so its seconds include compilation."""
+    """Yield (index, image, seconds, compiled) per image from index ``start`` on (and of those
+    only the indices in ``only``, when given), so callers can stop early, resume, or show
+    progress; ``compiled``: torch.compile built a graph while this image was generated, so its
+    seconds include compilation."""
     for index, prompt, seed in spec.items()[start:]:
+        if only is not None and index not in only:
+            continue
         graphs = _graphs_compiled()
         synchronize(loaded.device)
         began = time.perf_counter()
@@ -283,45 +285,86 @@ def floor_variant(loaded: LoadedPipeline, variant: str) -> Iterator[None]:
         raise ValueError(f"unknown floor variant {variant!r}")
 
 
-def _load_verified(directory: Path, key: str, count: int) -> Baseline | None:
-    """The cached entry if it is complete and every file matches its recorded hash."""
+def _load_verified(directory: Path, key: str, count: int) -> tuple[Baseline | None, str | None]:
+    """The cached entry if it is complete and every file matches its recorded hash, else None
+    and what is wrong with it (None when there is no entry at all)."""
+    if not directory.exists():
+        return None, None
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
         if manifest["key"] != key or len(manifest["files"]) != count \
                 or set(manifest["floor"]) != set(FLOOR_VARIANTS):
+            return None, "its manifest is for other settings or incomplete"
 
-            return None
-
-        def read(files) -> list[np.ndarray] | None:
+        def read(files) -> list[np.ndarray]:
             images = []
             for name, digest in files:
                 if _sha256(directory / name) != digest:
-                    return None
+                    raise ValueError(f"{name} does not match its recorded hash")
                 images.append(load_png(directory / name))
             return images
 
         images = read(manifest["files"])
         floors = {v: read(files) for v, files in manifest["floor"].items()}
-        if images is None or any(f is None for f in floors.values()):
-            return None
         return Baseline(images, float(manifest["seconds_per_image"]), manifest["peak_memory_bytes"],
-                        directory, cached=True, created_at=manifest["created_at"], floor_images=floors)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+                        directory, cached=True, created_at=manifest["created_at"],
+                        floor_images=floors), None
+    except FileNotFoundError as exc:
+        return None, f"{Path(exc.filename or '?').name} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, str(exc) or type(exc).__name__
 
 
-def _generate_all(loaded: LoadedPipeline, spec: GenerationSpec, tmp: Path, prefix: str,
+class _Progress:
+    """The outputs of an unfinished baseline build, one fsynced JSON line per output, so a build
+    cut short (Ctrl-C, a kill, a crash) resumes from the outputs already made.  An output whose
+    file no longer matches its line (a PNG cut short) is made again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "progress.jsonl"
+        self.done: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_bytes().splitlines():
+                try:
+                    entry = json.loads(line)
+                    if _sha256(directory / entry["name"]) == entry["sha256"]:
+                        self.done[entry["name"]] = entry
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # a line or a file cut short: that output is made again
+
+    def add(self, name: str, image: np.ndarray, seconds: float, compiled: bool,
+            peak: int | None) -> dict:
+        save_png(image, self.directory / name)
+        entry = dict(name=name, sha256=_sha256(self.directory / name), seconds=seconds,
+                     compiled=compiled, peak_memory_bytes=peak)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("\n" + json.dumps(entry) + "\n")  # never glued to a line cut short
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.done[name] = entry
+        return entry
+
+
+def _generate_set(loaded: LoadedPipeline, spec: GenerationSpec, progress: _Progress, prefix: str,
                   on_image: Callable[[int, float], None] | None):
-    images, files, seconds = [], [], []
-    for index, image, elapsed, compiled in iter_images(loaded, spec):
-        name = prefix + spec.image_name(index)
-        save_png(image, tmp / name)
-        images.append(image)
-        files.append((name, _sha256(tmp / name)))
-        seconds.append((elapsed, compiled))
+    """One set of outputs (the baseline's, or a floor variant's): those on record are read back,
+    the rest generated and recorded one by one."""
+    names = [prefix + spec.image_name(i) for i in range(len(spec.items()))]
+    missing = {i for i, name in enumerate(names) if name not in progress.done}
+    device = loaded.device
+    for index, image, elapsed, compiled in iter_images(loaded, spec, only=missing):
+        peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+        progress.add(names[index], image, elapsed, compiled, peak)
         if on_image:
             on_image(index, elapsed)
-    return images, files, seconds
+    for index in set(range(len(names))) - missing:
+        if on_image:
+            on_image(index, progress.done[names[index]]["seconds"])
+    entries = [progress.done[name] for name in names]
+    images = [load_png(progress.directory / name) for name in names]
+    files = [(e["name"], e["sha256"]) for e in entries]
+    return images, files, entries
 
 
 def load_or_build_baseline(
@@ -330,47 +373,55 @@ def load_or_build_baseline(
     cache_root: Path | None = None,
     on_image: Callable[[int, float], None] | None = None,
     capture: contextlib.AbstractContextManager | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Baseline:
     """The BF16 baseline and its noise-floor variants for (model, spec), generated once and
     reused across runs.
 
-    The caller must have put the pipeline in BF16.  ``capture`` is entered around the
-    baseline's own generation (not the variants'), e.g. to record the denoising trajectory.
-    Time and peak memory are measured on the baseline's generation: they are the BF16 row's.
-    A half-written entry never replaces a good one: images go to a temporary directory that is
-    renamed into place when complete.
+    The caller must have put the pipeline in BF16 and hold ``baseline_lock``.  ``capture`` is
+    entered around the baseline's own generation (not the variants'), e.g. to record the
+    denoising trajectory.  Time and peak memory are measured on the baseline's generation: they
+    are the BF16 row's.  Outputs go to ``.<key>.partial`` as they are made, so an interrupted
+    build resumes there; the directory is renamed into place when complete, so a half-built
+    entry never replaces a good one.  A cached entry that fails verification is rebuilt, and
+    ``warn`` says so in one line.
     """
+    warn = warn or (lambda message: print(message, file=sys.stderr))
     key = baseline_key(loaded, spec)
     directory = (cache_root or default_cache_root()) / "baselines" / key
-    cached = _load_verified(directory, key, len(spec.items()))
+    cached, problem = _load_verified(directory, key, len(spec.items()))
     if cached is not None:
         return cached
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=directory.parent))
-    device = loaded.device
-    try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        with capture or contextlib.nullcontext():
-            images, files, seconds = _generate_all(loaded, spec, tmp, "", on_image)
-        peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-        floors, floor_files = {}, {}
-        for variant in FLOOR_VARIANTS:
-            with floor_variant(loaded, variant):
-                floors[variant], floor_files[variant], _ = _generate_all(
-                    loaded, spec, tmp, f"floor-{variant}-", on_image)
-        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        manifest = dict(key=key, model=loaded.model, spec=asdict(spec), files=files,
-                        floor=floor_files, seconds_per_image=typical_seconds(seconds),
-                        peak_memory_bytes=peak, created_at=created)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)  # the corrupt or stale entry that failed verification
-        tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Baseline(images, manifest["seconds_per_image"], peak, directory, cached=False,
-                    created_at=created, floor_images=floors)
+    if problem is not None:
+        warn(f"baseline cache entry {directory} is damaged ({problem}); rebuilding it")
+    partial = directory.parent / f".{key}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    progress = _Progress(partial)
+    total = len(spec.items()) * (1 + len(FLOOR_VARIANTS))
+    if progress.done:
+        warn(f"resuming the BF16 baseline: {len(progress.done)} of {total} outputs already made")
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    with capture or contextlib.nullcontext():
+        images, files, entries = _generate_set(loaded, spec, progress, "", on_image)
+    floors, floor_files = {}, {}
+    for variant in FLOOR_VARIANTS:
+        with floor_variant(loaded, variant):
+            floors[variant], floor_files[variant], _ = _generate_set(
+                loaded, spec, progress, f"floor-{variant}-", on_image)
+    peaks = [e["peak_memory_bytes"] for e in entries if e["peak_memory_bytes"] is not None]
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    manifest = dict(key=key, model=loaded.model, spec=asdict(spec), files=files,
+                    floor=floor_files,
+                    seconds_per_image=typical_seconds([(e["seconds"], e["compiled"]) for e in entries]),
+                    peak_memory_bytes=max(peaks) if peaks else None, created_at=created)
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (partial / "progress.jsonl").unlink()
+    if directory.exists():
+        shutil.rmtree(directory)  # the damaged or stale entry that failed verification
+    partial.rename(directory)
+    return Baseline(images, manifest["seconds_per_image"], manifest["peak_memory_bytes"], directory,
+                    cached=False, created_at=created, floor_images=floors)
 
 
 @contextlib.contextmanager

@@ -73,6 +73,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(device: str | None, said: str | None = None) -> None:
+    """Refuse a device this machine does not have before any model loads (a torch traceback
+    after minutes of loading otherwise).  ``said``: how the user asked for it, for the message."""
+    if device is None:
+        return
+    said = said or f"--device {device}"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{said}: not a device (cpu, cuda, cuda:1 ...)") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise UserError(f"{said}: layerscan runs on cpu or cuda devices")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"{said}: no CUDA GPU is visible here; use --device cpu")
+    if parsed.index is not None and parsed.index >= count:
+        raise UserError(f"{said}: this machine has {count} CUDA GPU(s), numbered 0 to {count - 1}")
+
+
 def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     """A local pipeline directory for ``model``, downloading hub ids (only) when needed."""
     local = local_model_dir(model)

@@ -17,6 +17,18 @@ from layerscan.search.ledger import BudgetExhausted, TrialLedger
 from layerscan.session import Session
 
 
+# Why a search ended, when it did not end by finishing: each makes the answer provisional, and
+# every output that carries the answer says so with this explanation.
+NOT_FINAL = {
+    "budget": "the trial budget ran out before the search finished; rerun with a larger "
+              "--max-trials to finish it",
+    "timeout": "the time limit ended the search before it finished; rerun the same command to "
+               "continue it",
+    "interrupted": "the run was interrupted before the search finished; rerun the same command "
+                   "to resume it",
+}
+
+
 @dataclass
 class RunOutcome:
     ledger: TrialLedger
@@ -32,8 +44,25 @@ class RunOutcome:
     target_check: dict | None = None
 
     @property
+    def final(self) -> bool:
+        """The strategy finished: its answer is the study's, not the best one so far."""
+        return self.stop_reason == "done"
+
+    @property
+    def why_not_final(self) -> str | None:
+        return None if self.final else NOT_FINAL.get(self.stop_reason, self.stop_reason)
+
+    @property
     def new_evaluations(self) -> int:
         return self.ledger.new_evaluations
+
+    def evaluated_now_text(self) -> str:
+        """What this invocation evaluated, e.g. "16 evaluated now, one continued from an early stop"."""
+        text = f"{self.new_evaluations} evaluated now"
+        continued = self.ledger.continued
+        if continued:
+            text += f", {'one' if continued == 1 else continued} continued from an early stop"
+        return text
 
 
 def attribution_configs(session: Session) -> dict[str, tuple[str, ...]]:
@@ -51,7 +80,6 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
     out_dir.mkdir(parents=True, exist_ok=True)
     strategy_name = strategy or study.strategy
     deadline = time.monotonic() + study.timeout_s if study.timeout_s else None
-    bar = tqdm(desc=strategy_name, unit="cfg", leave=True)
 
     def started(config) -> None:
         bar.set_postfix_str(f"now: {describe(config)[:40]}")
@@ -60,7 +88,10 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
         bar.update(1)
         bar.set_postfix_str(f"best: {ledger.best_label()[:60]}")
 
+    # The ledger first: what it says on opening the records (a torn line set aside) gets a line
+    # of its own, not the progress bar's.
     ledger = TrialLedger(session, out_dir, strategy_name, deadline, on_record=recorded, on_start=started)
+    bar = tqdm(desc=strategy_name, unit="cfg", leave=True)
     groups = session.loaded.index.groups(study.granularity, study.text_encoder_granularity)
     storage = study.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     ctx = SearchContext(ledger, groups, session.criterion, seed=study.seed, storage=storage,

@@ -129,7 +129,7 @@ def open_session(
                  unit="img", leave=False) as bar:
         session.baseline = load_or_build_baseline(
             loaded, spec, cache_root, on_image=lambda i, s: bar.update(1),
-            capture=capture_trajectory(loaded, spec))
+            capture=capture_trajectory(loaded, spec), warn=warn)
     session.floor = measure_floor(scorer, session.baseline, [p for _, p, _ in spec.items()])
     crit = study.criterion
     session.criterion = crit.resolve(session.floor.mean.get(crit.metric),

@@ -7,13 +7,16 @@ README, the TOML files and the code cannot disagree about them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from layerscan.errors import UserError
-from layerscan.layers import GRANULARITIES, TEXT_ENCODER_GRANULARITIES
 from layerscan.metrics import METRICS
 
 # The shipped studies: the top-level studies/ in a checkout (layerscan/studies links to it), the
@@ -153,18 +156,19 @@ class Study:
     image: str | None = None  # input image, for editing pipelines
     pipeline_kwargs: dict = field(default_factory=dict)  # passed to the pipeline call as is
     metrics: tuple[str, ...] = ("lpips", "ssim", "psnr")
-    lpips_net: str = "alex"
+    lpips_net: Literal["alex", "vgg"] = "alex"
     criterion: Criterion = field(default_factory=Criterion)
     target: str = "vllm-omni==0.30.0"  # the release the answer is for: see layerscan.profiles
     components: tuple[str, ...] | None = None  # quantized components (default: the target's)
-    layer_match: str | None = None  # how the target matches ignored_layers (default: the target's)
-    granularity: str = "family"
-    text_encoder_granularity: str | None = None  # default: the same as granularity
-    strategy: str = "auto"
+    layer_match: Literal["exact", "substring"] | None = None  # how the target matches ignored_layers (default: the target's)
+    granularity: Literal["family", "block", "module"] = "family"
+    # default: the same as granularity; "component": the whole text encoder as one group
+    text_encoder_granularity: Literal["family", "block", "module", "component"] | None = None
+    strategy: Literal["auto", "greedy", "optuna", "exhaustive"] = "auto"
     refine: bool = False  # after the search, refine sensitive groups one level finer
     max_trials: int = 200
     timeout_s: float | None = None
-    activation_scheme: str = "token"
+    activation_scheme: Literal["token", "tensor"] = "token"
     # Compile the DiT's repeated blocks (None: on GPUs, where FP8 only pays off compiled; the
     # eager step is bound by launching kernels, see benchmarks/RESULTS.md).
     compile: bool | None = None
@@ -192,23 +196,12 @@ class Study:
             elif not low <= threshold.value <= high:
                 raise UserError(f"criterion {name} {threshold.value:g} is outside the "
                                 f"range of {crit.metric} ({low:g} to {high:g})")
-        from layerscan.profiles import MATCH_MODES, resolve_target
+        from layerscan.profiles import resolve_target
 
         object.__setattr__(self, "target", resolve_target(self.target).name)
-        if self.layer_match is not None and self.layer_match not in MATCH_MODES:
-            raise UserError(f"layer_match must be one of {', '.join(MATCH_MODES)}")
-        if self.text_encoder_granularity is not None and \
-                self.text_encoder_granularity not in TEXT_ENCODER_GRANULARITIES:
-            raise UserError("text_encoder_granularity must be one of "
-                            + ", ".join(TEXT_ENCODER_GRANULARITIES))
         unknown = set(self.metrics) - set(LOWER_IS_BETTER)
         if unknown:
             raise UserError(f"unknown metric(s): {', '.join(sorted(unknown))}")
-        if self.granularity not in GRANULARITIES:
-            raise UserError(f"granularity must be one of {', '.join(GRANULARITIES)}")
-        for name in ("steps", "height", "width", "max_trials"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive")
         if not self.seeds:
             raise UserError("at least one seed is needed")
         if self.image is not None and not Path(self.image).is_file():
@@ -273,17 +266,105 @@ def load_study(path: str | Path) -> dict:
     return values
 
 
-def build_study(values: dict) -> Study:
-    """Study from flat values (study file first, then flags that were given)."""
-    values = {k: v for k, v in values.items() if v is not None}
-    crit = {k[len("criterion_"):]: values.pop(k) for k in list(values) if k.startswith("criterion_")}
-    known = {f.name for f in dataclasses.fields(Study)}
-    unknown = set(values) - known
+# Where a study file's section puts its keys; the flat names are Study's fields (criterion_*:
+# Criterion's), and every error names the key as written in the file.
+_CRITERION_TYPES = {"criterion_metric": str, "criterion_mean": float | str, "criterion_worst": float | str}
+# Settings that must be above zero, or at least zero, once their type is right.
+_POSITIVE = ("steps", "height", "width", "max_trials", "timeout_s")
+_NON_NEGATIVE = ("guidance",)
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
+               dict: "a table of keyword arguments"}
+
+
+def _describe_type(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return f"a list of {_TYPE_WORDS[item].removeprefix('a ')}s, e.g. " + \
+            ("[0, 1]" if item is int else '["a", "b"]')
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(h) for h in typing.get_args(hint) if h is not type(None))
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _conform(hint, value):
+    """``value`` as the type ``hint`` declares, or raise ValueError.  Lists become tuples and whole
+    numbers are numbers; nothing else is converted (a string "10" is not a step count)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _conform(option, value)
+            except ValueError:
+                continue
+        raise ValueError
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(hint):
+            return value
+        raise ValueError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        return tuple(_conform(typing.get_args(hint)[0], item) for item in value)
+    if hint is bool or isinstance(value, bool):  # True is an int to Python, not to a study
+        if hint is bool and isinstance(value, bool):
+            return value
+        raise ValueError
+    if hint is float and isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError
+        return float(value)
+    if hint in (int, str, dict) and isinstance(value, hint):
+        return value
+    raise ValueError
+
+
+_FLAG_NAMES = {"timeout_s": "--timeout"}  # the flags not spelled like their field
+
+
+def check_settings(values: dict, as_flags: bool = False) -> dict:
+    """Every setting's type and range, before anything loads: one line naming the key (or with
+    ``as_flags`` the flag), the value and what is accepted.  The types are ``Study``'s field
+    annotations, so a new field is checked the moment it is declared."""
+    def setting(key: str, value) -> str:
+        if as_flags:
+            return f"{_FLAG_NAMES.get(key, '--' + key.replace('_', '-'))} {value}"
+        return f"setting {key.replace('criterion_', 'criterion.', 1)} = {value!r}"
+
+    hints = typing.get_type_hints(Study) | _CRITERION_TYPES
+    unknown = set(values) - set(hints)
     if unknown:
         raise UserError(f"unknown study field(s): {', '.join(sorted(unknown))}")
-    for key in ("seeds", "metrics", "components"):
-        if key in values:
-            values[key] = tuple(values[key])
+    checked = {}
+    for key, value in values.items():
+        if key == "criterion":
+            raise UserError("criterion is a [criterion] table with metric, mean and worst")
+        try:
+            checked[key] = _conform(hints[key], value)
+        except ValueError:
+            raise UserError(f"{setting(key, value)}: expected {_describe_type(hints[key])}") from None
+    for key in _POSITIVE:
+        if checked.get(key) is not None and checked[key] <= 0:
+            raise UserError(f"{setting(key, checked[key])}: expected a number above 0")
+    for key in _NON_NEGATIVE:
+        if checked.get(key) is not None and checked[key] < 0:
+            raise UserError(f"{setting(key, checked[key])}: expected a number of at least 0")
+    for seed in checked.get("seeds", ()):
+        if not 0 <= seed < 2 ** 63:  # what torch.Generator.manual_seed takes without wrapping
+            raise UserError(f"{setting('seeds', list(checked['seeds']))}: {seed} is not a seed "
+                            "(0 to 2**63 - 1)")
+    return checked
+
+
+def build_study(values: dict) -> Study:
+    """Study from flat values (study file first, then flags that were given)."""
+    values = check_settings({k: v for k, v in values.items() if v is not None})
+    crit = {k[len("criterion_"):]: values.pop(k) for k in list(values) if k.startswith("criterion_")}
     base = _default_criterion(crit.get("metric"))
     criterion = Criterion(**{"metric": base.metric, "mean": base.mean, "worst": base.worst, **crit})
     study = Study(**values, criterion=criterion)

@@ -144,6 +144,10 @@ def plan_slots(gpus: list[int] | None, workers: int | None, device: str | None) 
     if gpus is not None:
         if len(set(gpus)) != len(gpus):
             raise UserError("--gpus takes distinct GPU indices, e.g. --gpus 0,1")
+        from layerscan.pipeline import check_device
+
+        for g in gpus:
+            check_device(f"cuda:{g}", said=f"--gpus {g}")
         return [Slot(f"gpu{g}", "cuda", {"CUDA_VISIBLE_DEVICES": str(g)}, threads, i)
                 for i, g in enumerate(gpus)]
     return [Slot(f"w{i}", device, {}, threads, i) for i in range(workers)]
@@ -280,8 +284,11 @@ def worker_main(args) -> int:
     url = args.storage or os.environ.get(STORAGE_ENV)
     if not url:
         raise UserError(f"give the study's storage with --storage URL (or ${STORAGE_ENV})")
-    if args.gpus is not None or args.workers:
+    if args.gpus is not None or args.workers is not None:
         return _launch(args, url)
+    from layerscan.pipeline import check_device
+
+    check_device(args.device)
     _set_threads(args.threads)
     attrs = read_study_attrs(url, args.study)
 
@@ -289,6 +296,7 @@ def worker_main(args) -> int:
     from layerscan.search.ledger import BudgetExhausted, TrialLedger
     from layerscan.search.optuna_search import OptunaStrategy, Sharing
     from layerscan.session import open_session
+    from layerscan.rundir import prepare_dir
     from layerscan.study import build_study, slugify
 
     values = dict(attrs[SPEC_ATTR])
@@ -297,8 +305,7 @@ def worker_main(args) -> int:
     host, pid = socket.gethostname(), os.getpid()
     label = args.label or f"{host}-{pid}"
     slug = slugify(values.get("name") or values["model"])
-    out = args.out or Path("reports") / slug / "workers" / label
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_dir(args.out or Path("reports") / slug / "workers" / label)
     values["prompts"] = _prompt_file(attrs, values, out)
     study = build_study(values)
     session = open_session(study, args.device, args.cache_dir, args.trust_remote_code,

@@ -171,11 +171,14 @@ def test_baseline_cache_hits_invalidates_and_rebuilds(qwen, tmp_path):
     # A changed input gets another entry.
     other = load_or_build_baseline(loaded, GenerationSpec(SPEC.prompts, (1,), 2, 32, 32, 4.0), tmp_path)
     assert other.directory != first.directory and not other.cached
-    # A corrupted entry is detected and rebuilt.
+    # A corrupted entry is detected, rebuilt, and the rebuild said in one line.
     png = sorted(first.directory.glob("*.png"))[0]
     png.write_bytes(png.read_bytes()[:-20])
-    rebuilt = load_or_build_baseline(loaded, SPEC, tmp_path)
+    said = []
+    rebuilt = load_or_build_baseline(loaded, SPEC, tmp_path, warn=said.append)
     assert not rebuilt.cached
+    assert said == [f"baseline cache entry {first.directory} is damaged "
+                    f"({png.name} does not match its recorded hash); rebuilding it"]
     assert all(np.array_equal(a, b) for a, b in zip(first.images, rebuilt.images))
     manifest = json.loads((rebuilt.directory / "manifest.json").read_text())
     assert manifest["spec"]["prompts"] == list(SPEC.prompts)
@@ -231,3 +234,40 @@ def test_requantize_residency_holds_exactly_the_analytic_bytes(tiny_qwen_dir):
         assert held(loaded.transformer) + quantized_scales == expected, config
     engine.apply(None)
     assert np.array_equal(_image(loaded), bf16)
+
+
+def test_an_interrupted_baseline_resumes_from_the_outputs_already_made(qwen, tmp_path, monkeypatch):
+    """Ctrl-C after three of the six outputs (baseline + two floor variants of two prompts), and
+    the next build generates only the other three, and its entry equals an uninterrupted one."""
+    from layerscan import generate
+
+    loaded, engine = qwen
+    engine.apply(None)
+    made = []
+    original = generate.generate_image
+
+    def counted(*args, **kwargs):
+        made.append(args[2:])  # (prompt, seed)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_image", counted)
+
+    def interrupt_after_three(index, seconds):
+        if len(made) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        load_or_build_baseline(loaded, SPEC, tmp_path / "cut", on_image=interrupt_after_three)
+    assert len(made) == 3
+    made.clear()
+    said = []
+    resumed = load_or_build_baseline(loaded, SPEC, tmp_path / "cut", warn=said.append)
+    assert said == ["resuming the BF16 baseline: 3 of 6 outputs already made"]
+    assert len(made) == 3 and not resumed.cached
+    whole = load_or_build_baseline(loaded, SPEC, tmp_path / "whole")
+    assert all(np.array_equal(a, b) for a, b in zip(whole.images, resumed.images))
+    for variant, images in whole.floor_images.items():
+        assert all(np.array_equal(a, b) for a, b in zip(images, resumed.floor_images[variant]))
+    assert resumed.seconds_per_image > 0
+    again = load_or_build_baseline(loaded, SPEC, tmp_path / "cut")
+    assert again.cached and not list((tmp_path / "cut" / "baselines").glob(".*.partial"))

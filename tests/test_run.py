@@ -140,10 +140,25 @@ def test_ctrl_c_keeps_finished_trials_and_rerun_resumes(planted_dir, two_prompts
     assert 4 <= kept < 64
     # The attribution stops FP8 everywhere early; the exhaustive search continues it in full.
     stopped = sum(json.loads(line)["record"]["status"] == "stopped" for line in lines)
-    assert (out / "report.md").is_file()  # the partial report is written too
+    # The partial report is written too, and says everywhere that its answer is not final.
+    report = (out / "report.md").read_text()
+    assert report.splitlines()[2].startswith("> **Not final:** the run was interrupted")
+    provisional = json.loads((out / "recommendation.json").read_text())
+    assert provisional["final"] is False and provisional["stop_reason"] == "interrupted"
+    assert "rerun the same command" in provisional["not_final_because"]
+    assert not (out / "row.md").exists()
+    assert main(["table", str(out)]) == 2
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert f"({64 - kept + stopped} evaluated now)" in done.stdout
+    before = [json.loads(line)["record"] for line in lines]
+    complete = {json.dumps(r["config"]) for r in before if r["status"] == "complete"}
+    pending = len({json.dumps(r["config"]) for r in before if r["status"] == "stopped"} - complete)
+    continued = f", {'one' if pending == 1 else pending} continued from an early stop" if pending else ""
+    assert f"({64 - kept + stopped} evaluated now{continued})" in done.stdout
+    final = json.loads((out / "recommendation.json").read_text())
+    assert final["final"] is True and final["stop_reason"] == "done" and final["not_final_because"] is None
+    assert (out / "row.md").is_file() and "Not final" not in (out / "report.md").read_text()
+    assert main(["table", str(out)]) == 0
     records = [json.loads(line)["record"] for line in trials.read_text().splitlines()]
     assert len(records) == 64 + stopped  # the store only appends: a continued record is a new line
     assert len({json.dumps(r["config"]) for r in records if r["status"] == "complete"}) == 64

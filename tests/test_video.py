@@ -126,7 +126,8 @@ def test_every_frame_is_kept_cached_and_scored(planted, tmp_path):
     corrupt = bytearray(strip.read_bytes())
     corrupt[-20] ^= 0xFF
     strip.write_bytes(bytes(corrupt))
-    assert _load_verified(baseline.directory, baseline_key(planted.loaded, spec), 2) is None
+    found, problem = _load_verified(baseline.directory, baseline_key(planted.loaded, spec), 2)
+    assert found is None and problem == f"{spec.image_name(0)} does not match its recorded hash"
     rebuilt = load_or_build_baseline(planted.loaded, spec)
     assert not rebuilt.cached and all(np.array_equal(a, b) for a, b in zip(rebuilt.images, baseline.images))
     # An evaluation scores every frame: its PSNR is the mean of the frames' PSNRs.

@@ -106,9 +106,17 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     row = table_row(display, study.model, loaded, rec, crit.describe())
     header = HEADERS[loaded.profile.target.header]
     row_line = render_row(row, column_keys(header.splitlines()[0], "header"))
-    (out_dir / "row.md").write_text(row_line + "\n", encoding="utf-8")
+    row_path = out_dir / "row.md"
+    if outcome.final:
+        row_path.write_text(row_line + "\n", encoding="utf-8")
+    else:  # a provisional answer is never left where a docs table would pick it up
+        row_path.unlink(missing_ok=True)
+    # The image grid first: the images it generates count in what the JSON and the report say.
+    grid = _images(session, outcome, out_dir, fp8_all, rec)
     cost = _cost(outcome)
     write_recommendation(out_dir / "recommendation.json", study.model, rec, bf16, loaded, {
+        "final": outcome.final, "stop_reason": outcome.stop_reason,
+        "not_final_because": outcome.why_not_final,
         "criterion": crit.describe(),
         "noise_floor": session.floor.as_dict() if session.floor else None,
         "attribution": {c: _summary(ledger.recorded(config)) for c, config in outcome.attribution.items()},
@@ -128,7 +136,6 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     if pareto_chart(outcome.records, outcome.pareto, rec, crit, out_dir / "pareto.png"):
         charts.append(("Quality vs BF16-kept weights", "pareto.png"))
 
-    grid = _images(session, outcome, out_dir, fp8_all, rec)
     text = _markdown(session, outcome, display, header + row_line + "\n", fp8_all, charts, grid)
     path = out_dir / "report.md"
     path.write_text(text, encoding="utf-8")
@@ -314,6 +321,9 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
         f"{profile.component(c).title} ({len(index.of(c))} layers, "
         f"{'W8A8' if index.method(c) == 'w8a8' else 'weight storage'})" for c in index.components)
     out = [f"# layerscan report: {display} (`{study.model}`)", ""]
+    if not outcome.final:
+        out += [f"> **Not final:** {outcome.why_not_final}. The recommendation below is the best "
+                "on record so far, not the search's answer; no table row was written.", ""]
     out += ["## Summary", "",
             f"- Model: `{study.model}` (content fingerprint `{loaded.fingerprint}`), profile "
             f"`{profile.name}` for `{profile.target.name}`: quantized {components}; "
@@ -327,7 +337,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
             f"interval meets the mean threshold. Metrics: {', '.join(session.metrics)}.",
             f"- Search: `{study.strategy}` over {len(outcome.groups)} groups at `{study.granularity}` "
             f"granularity; {cost['configurations']} FP8 configurations on record "
-            f"({outcome.new_evaluations} evaluated in this invocation), stopped: {outcome.stop_reason}.",
+            f"({outcome.evaluated_now_text()} in this invocation), stopped: {outcome.stop_reason}.",
             f"- Device: {device}, torch {torch.__version__}, {platform.machine()}; "
             f"activation scaling per {study.activation_scheme}; times are "
             f"{bf16.execution_mode} mode (median seconds per {output}; BF16's measured while the "

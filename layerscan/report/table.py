@@ -122,10 +122,15 @@ def read_rows(report_dirs: list[Path]) -> list[dict]:
         path = directory / "recommendation.json" if directory.is_dir() else directory
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            rows.append(dict(data["table_row"], _header=_header_of(data)))
+            row = dict(data["table_row"], _header=_header_of(data))
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"no layerscan recommendation.json with a table row in {directory}: "
                             "is it a layerscan report directory?") from None
+        if data.get("final") is not True:
+            raise UserError(f"{directory}: not a final answer "
+                            f"({data.get('not_final_because') or 'written without a stop reason'}); "
+                            "finish the run before publishing its row")
+        rows.append(row)
     return rows
 
 

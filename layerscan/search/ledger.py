@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,34 +27,62 @@ from layerscan.evaluate import (
 from layerscan.generate import default_cache_root, load_png, save_png
 from layerscan.study import Criterion
 
-STOP_REASONS = ("done", "budget", "timeout", "interrupted")
-
-
 class BudgetExhausted(Exception):
     """The trial or time budget is spent; the search ends with what it has."""
+
+
+def _parse_line(line: bytes) -> dict | None:
+    try:
+        data = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or "eval_key" not in data or not isinstance(data.get("record"), dict):
+        return None
+    return data
 
 
 class TrialStore:
     """Every evaluated configuration, appended to a JSON-lines file the moment it finishes.
 
     Records made under other evaluation settings (another prompt set, metric, target or model)
-    carry another key and are ignored.  A line cut short by a kill is skipped: that evaluation
-    simply runs again.
+    carry another key and are ignored.  A line cut short by a kill (or otherwise unreadable) is
+    moved to ``<file>.torn`` when the store opens, with one line saying so, and the file is
+    rewritten without it: the next record starts on a line of its own instead of being glued to
+    the fragment (which made it unreadable too).  The evaluation it held runs again.
     """
 
-    def __init__(self, path: Path, eval_key: str) -> None:
+    def __init__(self, path: Path, eval_key: str, warn: Callable[[str], None] | None = None) -> None:
         self.path = path
         self.eval_key = eval_key
         self._records: dict[Ignored, TrialRecord] = {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if data.get("eval_key") == eval_key:
-                    record = TrialRecord.from_dict(data["record"])
-                    self._records[record.config] = record
+        if not path.exists():
+            return
+        good, torn = [], []
+        for line in path.read_bytes().splitlines(keepends=True):
+            data = _parse_line(line) if line.endswith(b"\n") else None
+            (good if data is not None else torn).append(line)
+            if data is not None and data["eval_key"] == eval_key:
+                record = TrialRecord.from_dict(data["record"])
+                self._records[record.config] = record
+        torn = [line for line in torn if line.strip()]
+        if torn:
+            self._set_aside(good, torn, warn or (lambda m: print(m, file=sys.stderr)))
+
+    def _set_aside(self, good: list[bytes], torn: list[bytes], warn: Callable[[str], None]) -> None:
+        side = self.path.with_name(self.path.name + ".torn")
+        with open(side, "ab") as fh:
+            fh.write(b"".join(line if line.endswith(b"\n") else line + b"\n" for line in torn))
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(b"".join(good))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        warn(f"{self.path}: {len(torn)} unreadable line(s) ({sum(map(len, torn))} bytes, a record "
+             f"cut off by a kill) set aside in {side}; {'its' if len(torn) == 1 else 'their'} "
+             "evaluation runs again")
 
     def get(self, config: Ignored) -> TrialRecord | None:
         return self._records.get(config)
@@ -61,9 +90,9 @@ class TrialStore:
     def add(self, record: TrialRecord) -> None:
         self._records[record.config] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"eval_key": self.eval_key, "record": record.to_dict()})
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        line = json.dumps({"eval_key": self.eval_key, "record": record.to_dict()}) + "\n"
+        with open(self.path, "ab") as fh:
+            fh.write(line.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -146,7 +175,8 @@ class TrialLedger:
         self.images = TrialImages(session.eval_key)
         self.on_record = on_record
         self.on_start = on_start
-        self.new_evaluations = 0
+        self._evaluated_now: set[Ignored] = set()  # configurations evaluated in this process
+        self.continued = 0  # of those, evaluations that continued an early-stopped record
         self.report_generations = 0  # images the report had to generate (never evaluated ones)
         self.asked: list[Ignored] = []  # every configuration asked for, in order (refinement reads it)
         self._elsewhere: dict[Ignored, TrialRecord] = {}  # recorded by other workers of a shared study
@@ -221,10 +251,16 @@ class TrialLedger:
                           if early_stop else None, resume=stopped)
         record.strategy = self.strategy
         self.store.add(record)
-        self.new_evaluations += 1  # a continued evaluation is work done now too
+        self._evaluated_now.add(config)
+        self.continued += stopped is not None
         if self.on_record:
             self.on_record(record)
         return record
+
+    @property
+    def new_evaluations(self) -> int:
+        """Configurations evaluated in this process, each counted once (a continued one too)."""
+        return len(self._evaluated_now)
 
     def add_elsewhere(self, records: Iterable[TrialRecord]) -> None:
         """Records other workers of a shared study made (local records win)."""
