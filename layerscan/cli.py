@@ -172,16 +172,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from layerscan.pipeline import check_device
     from layerscan.rundir import hold_run_dir
+    from layerscan.workers import check_worker_flags
 
     # Everything a user can get wrong is refused here, before the model loads.
     study = _study(args)
-    check_device(args.device)
-    if args.gpus is not None or args.workers is not None:
-        from layerscan.workers import plan_slots
-
-        plan_slots(args.gpus, args.workers, args.device)  # checks the counts and GPUs only
+    check_worker_flags(args.gpus, args.workers, args.device)
     out = args.out or Path("reports") / study.slug
     with hold_run_dir(out, wait=args.wait):
         return _run_in(args, study, out)

@@ -14,6 +14,7 @@ from layerscan.layers import Group, qualify
 from layerscan.search import make_strategy
 from layerscan.search.base import SearchContext
 from layerscan.search.ledger import BudgetExhausted, TrialLedger
+from layerscan.search.minimal import MinimalityProof, proof_reserve, prove_minimal
 from layerscan.session import Session
 
 
@@ -42,6 +43,8 @@ class RunOutcome:
     notes: dict = field(default_factory=dict)  # the strategy's own report (auto: proxy ranks, costs)
     # What the target release's own code said of the recommendation (layerscan.target_check).
     target_check: dict | None = None
+    # Each kept group of the recommendation shown necessary (None: not attempted, interrupted).
+    minimality: MinimalityProof | None = None
 
     @property
     def final(self) -> bool:
@@ -96,7 +99,8 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
     storage = study.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     ctx = SearchContext(ledger, groups, session.criterion, seed=study.seed, storage=storage,
                         study_name=f"layerscan-{study.slug}-{session.eval_key[:8]}-{study.granularity}",
-                        max_trials=study.max_trials, session=session, refine=study.refine)
+                        max_trials=study.max_trials - proof_reserve(study.max_trials, len(groups)),
+                        session=session, refine=study.refine)
     attribution = attribution_configs(session)
     ctx.notes["attribution"] = {c: list(config) for c, config in attribution.items()}
     chosen = make_strategy(strategy_name, ctx, ledger.records())
@@ -121,9 +125,19 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
     except KeyboardInterrupt:
         stop_reason = "interrupted"
     finally:
-        bar.close()
         if pool is not None:  # the helper workers started for --gpus/--workers
             pool.wait(interrupted=stop_reason == "interrupted")
     ledger.add_elsewhere(chosen.records_elsewhere(ctx))
+    proof = None
+    try:
+        if stop_reason != "interrupted":  # Ctrl-C means now, not after more evaluations
+            proof = prove_minimal(ledger)
+            if stop_reason == "done" and proof.stop_reason:
+                stop_reason = proof.stop_reason  # the answer may keep a group it does not need
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+    finally:
+        bar.close()
     return RunOutcome(ledger, ledger.records(), groups, ledger.recommend(), ledger.pareto(),
-                      stop_reason, storage if chosen.shares_study else None, attribution, ctx.notes)
+                      stop_reason, storage if chosen.shares_study else None, attribution, ctx.notes,
+                      minimality=proof)

@@ -127,6 +127,18 @@ class Slot:
     seed_offset: int
 
 
+def check_worker_flags(gpus: list[int] | None, workers: int | None, device: str | None) -> None:
+    """Refuse --gpus/--workers/--device this machine cannot honour, before anything loads."""
+    from layerscan.pipeline import check_device
+
+    check_device(device)
+    if gpus is None and workers is None:
+        return
+    plan_slots(gpus, workers, device)  # the counts
+    for g in gpus or ():
+        check_device(f"cuda:{g}", said=f"--gpus {g}")
+
+
 def plan_slots(gpus: list[int] | None, workers: int | None, device: str | None) -> list[Slot]:
     """One slot per GPU of ``--gpus``, or ``--workers`` slots sharing this host's CPU cores.
 
@@ -144,10 +156,6 @@ def plan_slots(gpus: list[int] | None, workers: int | None, device: str | None) 
     if gpus is not None:
         if len(set(gpus)) != len(gpus):
             raise UserError("--gpus takes distinct GPU indices, e.g. --gpus 0,1")
-        from layerscan.pipeline import check_device
-
-        for g in gpus:
-            check_device(f"cuda:{g}", said=f"--gpus {g}")
         return [Slot(f"gpu{g}", "cuda", {"CUDA_VISIBLE_DEVICES": str(g)}, threads, i)
                 for i, g in enumerate(gpus)]
     return [Slot(f"w{i}", device, {}, threads, i) for i in range(workers)]
@@ -284,11 +292,9 @@ def worker_main(args) -> int:
     url = args.storage or os.environ.get(STORAGE_ENV)
     if not url:
         raise UserError(f"give the study's storage with --storage URL (or ${STORAGE_ENV})")
+    check_worker_flags(args.gpus, args.workers, args.device)
     if args.gpus is not None or args.workers is not None:
         return _launch(args, url)
-    from layerscan.pipeline import check_device
-
-    check_device(args.device)
     _set_threads(args.threads)
     attrs = read_study_attrs(url, args.study)
 

@@ -117,6 +117,7 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     write_recommendation(out_dir / "recommendation.json", study.model, rec, bf16, loaded, {
         "final": outcome.final, "stop_reason": outcome.stop_reason,
         "not_final_because": outcome.why_not_final,
+        "minimality": outcome.minimality.as_dict() if outcome.minimality else None,
         "criterion": crit.describe(),
         "noise_floor": session.floor.as_dict() if session.floor else None,
         "attribution": {c: _summary(ledger.recorded(config)) for c, config in outcome.attribution.items()},
@@ -234,6 +235,31 @@ def _attribution(session: Session, outcome: RunOutcome) -> list[str]:
     if outcome.recommended is None:
         lines += [_floor_message(session, outcome, rows), ""]
     return lines
+
+
+def _minimality(session: Session, outcome: RunOutcome) -> list[str]:
+    """Each group the recommendation keeps in BF16, and the evidence that it must."""
+    rec, proof, metric = outcome.recommended, outcome.minimality, session.criterion.metric
+    if not rec.config:
+        return []
+    if proof is None or proof.config != rec.config:
+        return ["**Not proven minimal**: the run ended before each kept group was returned to FP8 "
+                "on its own; rerun the same command to prove it.", ""]
+    lines = []
+    if proof.dropped:
+        lines += [f"The search's answer also kept {', '.join(f'`{g}`' for g in proof.dropped)}; "
+                  "without it the configuration still passes, so it is not kept.", ""]
+    lines += ["Every kept group is necessary: with it returned to FP8 (everything else as "
+              "recommended) the configuration fails.", "",
+              f"| kept group | returned to FP8 | {metric} mean [95 % CI] | verdict |", "|---|---|---|---|"]
+    for group, without in proof.necessary.items():
+        record = outcome.ledger.recorded(without)
+        lines.append(f"| `{group}` | {describe(without)} | {_with_ci(record, metric)} | "
+                     f"{_verdict(session, record)} |")
+    for group in proof.unproven:
+        lines.append(f"| `{group}` | not evaluated: the {proof.stop_reason} ended first | — | "
+                     "**not proven necessary** |")
+    return lines + [""]
 
 
 def _floor_message(session: Session, outcome: RunOutcome, rows) -> str:
@@ -354,6 +380,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
         direction = "lower" if crit.lower_is_better else "higher"
         out += [f"**{describe(rec.config)}**: {crit.metric} mean {_with_ci(rec, crit.metric)}, "
                 f"worst {_fmt(rec.worst[crit.metric], crit.metric)} ({direction} is better).", ""]
+        out += _minimality(session, outcome)
         target = profile.target.name
         if configs["paste"] is None:
             out += [f"No config form that `{target}` loads for this pipeline selects exactly these "

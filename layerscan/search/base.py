@@ -33,7 +33,7 @@ class SearchContext:
     seed: int = 0
     storage: str | None = None  # for strategies that persist state of their own (Optuna)
     study_name: str = ""
-    max_trials: int = 200
+    max_trials: int = 200  # what a strategy planning to a budget may spend (the proof's reserve left out)
     session: Any = None  # the loaded pipeline, for strategies that measure proxies (auto)
     refine: bool = False  # refine the answer inside its groups, one level finer (--refine)
     notes: dict = field(default_factory=dict)  # what a strategy reports (proxy ranks, costs)

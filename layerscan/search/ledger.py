@@ -216,7 +216,10 @@ class TrialLedger:
         return self.store.get(config) or self._elsewhere.get(config)
 
     def fp8_on_record(self) -> int:
-        return sum(r.config is not None for r in self.store.records())
+        """FP8 configurations on record, this process's and other workers' of a shared study
+        (the trial budget is the study's, not one worker's)."""
+        configs = {r.config for r in self.store.records()} | set(self._elsewhere)
+        return len(configs - {None})
 
     def check_allowed(self) -> None:
         """Raise ``BudgetExhausted`` when no new evaluation may start."""

@@ -1,0 +1,78 @@
+"""Proof that an answer keeps nothing it does not need.
+
+A search may end on a passing configuration that keeps a group in BF16 for no reason (an Optuna
+sample that happened to include it, a greedy step taken before a finer one made it redundant).
+Before a recommendation is reported, each kept group is returned to FP8 on its own: the
+configuration without it must be on record and fail.  One that passes instead is the better
+answer (it keeps fewer BF16 bytes), becomes the recommendation, and is proven in turn.  The
+evaluations go through the ledger like any other (known ones cost nothing, a failure stops
+early, the trial budget counts them); when the budget ends first, the groups not yet proven
+are named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from layerscan.engine import Ignored
+from layerscan.search.ledger import BudgetExhausted, TrialLedger
+
+
+@dataclass
+class MinimalityProof:
+    """Per kept group of the recommendation, the configuration without it and its verdict."""
+
+    config: Ignored | None  # the recommendation the proof is about (None: nothing passed)
+    necessary: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> without it
+    unproven: list[str] = field(default_factory=list)  # the budget ended before these were tried
+    dropped: list[str] = field(default_factory=list)  # groups the search kept that were not needed
+    stop_reason: str | None = None  # why the proof ended early ("budget", "timeout"), if it did
+
+    @property
+    def complete(self) -> bool:
+        return self.config is not None and not self.unproven
+
+    def as_dict(self) -> dict:
+        return {"ignored_layers_patterns": list(self.config or ()),
+                "necessary": {g: list(without) for g, without in self.necessary.items()},
+                "unproven": self.unproven, "dropped": self.dropped}
+
+
+def proof_reserve(max_trials: int, groups: int) -> int:
+    """Trials a strategy that spends its whole budget (Optuna) leaves for the proof: one per
+    group at most (returning each kept group to FP8 once), never more than a quarter of it."""
+    return min(groups, max_trials // 4)
+
+
+def prove_minimal(ledger: TrialLedger) -> MinimalityProof:
+    """Prove every kept group of the ledger's recommendation necessary, dropping any that is not.
+
+    Raises nothing the budget causes: an exhausted budget or deadline ends the proof with the
+    groups still unproven listed (``stop_reason`` says which).
+    """
+    dropped: list[str] = []
+    proof, seen = MinimalityProof(None), set()
+    while True:
+        rec = ledger.recommend()
+        if rec is None:
+            return MinimalityProof(None, dropped=dropped)
+        if rec.config in seen:  # the smaller pass ties with it on BF16 bytes (overlapping groups)
+            return proof
+        seen.add(rec.config)
+        proof = MinimalityProof(rec.config, dropped=dropped)
+        kept = list(rec.config)
+        for position, group in enumerate(kept):
+            without = tuple(g for g in kept if g != group)
+            try:
+                record = ledger.evaluate(without, early_stop=True)
+            except BudgetExhausted as exc:
+                proof.unproven = kept[position:]
+                proof.stop_reason = str(exc)
+                return proof
+            if record.status != "failed" and record.passes:
+                # A smaller passing configuration: the recommendation changes; prove that one.
+                dropped.append(group)
+                break
+            proof.necessary[group] = without
+        else:
+            return proof
