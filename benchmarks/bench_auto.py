@@ -54,7 +54,7 @@ def _session(model_dir: Path, prompts: Path):
 
 def _clear_proxy_cache() -> None:
     from layerscan import proxy
-    from layerscan.generate import default_cache_root
+    from layerscan.cache import default_cache_root
 
     proxy._MEMORY.clear()
     shutil.rmtree(default_cache_root() / "proxy", ignore_errors=True)

@@ -374,10 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "cache_dir", None):
-        import os
-
-        os.environ["LAYERSCAN_CACHE"] = str(args.cache_dir)
     try:
         return args.func(args)
     except UserError as exc:

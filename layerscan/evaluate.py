@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from layerscan.engine import Fp8Engine, Ignored, describe, normalize
@@ -186,7 +185,6 @@ def evaluate(
     criterion: Criterion | None = None,
     image_dir: Path | None = None,
     stop_rule: StopRule | None = None,
-    on_image: Callable[[], None] | None = None,
     resume: TrialRecord | None = None,
 ) -> TrialRecord:
     """Evaluate one configuration against the baseline.
@@ -216,8 +214,6 @@ def evaluate(
             record.per_prompt.append(scorer.score_output(image, baseline.images[index], prompts[index]))
             if image_dir is not None:
                 save_png(image, image_dir / spec.image_name(index))
-            if on_image:
-                on_image()
             if stop_rule and index + 1 < len(spec.items()) and stop_rule(record.per_prompt):
                 record.status = "stopped"
                 break

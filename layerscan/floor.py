@@ -6,11 +6,17 @@ That distance is not FP8's fault, and a criterion stricter than it rejects confi
 noise.  The variants (``layerscan.generate.FLOOR_VARIANTS``) are generated with the baseline,
 on the same prompts and seeds; each is scored against the baseline with the run's metrics, and
 the floor of a metric is the worse of the variants, for the mean and for the worst image.
+
+A variant that leaves every output bit-identical to the baseline measured nothing (compiled
+graphs, for one, may pick the same attention kernel whatever the backend asks): it is flagged
+and not counted.  When no variant changed anything, the floor is that of identical outputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from layerscan.metrics import METRICS, Scorer, summarize
 
@@ -18,12 +24,15 @@ from layerscan.metrics import METRICS, Scorer, summarize
 @dataclass
 class NoiseFloor:
     variants: dict[str, dict]  # variant -> {"mean": {...}, "worst": {...}, "per_prompt": [...]}
-    mean: dict[str, float]  # per metric: the worse of the variants' means
-    worst: dict[str, float]  # per metric: the worse of the variants' worst images
+    mean: dict[str, float]  # per metric: the worse of the counted variants' means
+    worst: dict[str, float]  # per metric: the worse of the counted variants' worst images
+    identical: tuple[str, ...] = ()  # variants whose outputs equal the baseline's bit for bit
 
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "worst": self.worst,
-                "variants": {v: {"mean": d["mean"], "worst": d["worst"]} for v, d in self.variants.items()}}
+        return {"mean": self.mean, "worst": self.worst, "identical_variants": list(self.identical),
+                "variants": {v: {"mean": d["mean"], "worst": d["worst"],
+                                 "counted": v not in self.identical}
+                             for v, d in self.variants.items()}}
 
 
 def _worse(metric: str, values: list[float]) -> float:
@@ -32,13 +41,16 @@ def _worse(metric: str, values: list[float]) -> float:
 
 def measure_floor(scorer: Scorer, baseline, prompts: list[str]) -> NoiseFloor:
     """Score every variant of ``baseline`` against the baseline itself."""
-    variants = {}
+    variants, identical = {}, []
     for name, images in baseline.floor_images.items():
         per_prompt = [scorer.score_output(image, reference, prompt)
                       for image, reference, prompt in zip(images, baseline.images, prompts)]
         summary = summarize(per_prompt)
         variants[name] = {"mean": summary.mean, "worst": summary.worst, "per_prompt": per_prompt}
+        if all(np.array_equal(a, b) for a, b in zip(images, baseline.images)):
+            identical.append(name)
+    counted = [v for name, v in variants.items() if name not in identical] or list(variants.values())
     metrics = list(scorer.metrics)
-    mean = {m: _worse(m, [v["mean"][m] for v in variants.values()]) for m in metrics} if variants else {}
-    worst = {m: _worse(m, [v["worst"][m] for v in variants.values()]) for m in metrics} if variants else {}
-    return NoiseFloor(variants, mean, worst)
+    mean = {m: _worse(m, [v["mean"][m] for v in counted]) for m in metrics} if counted else {}
+    worst = {m: _worse(m, [v["worst"][m] for v in counted]) for m in metrics} if counted else {}
+    return NoiseFloor(variants, mean, worst, tuple(identical))

@@ -24,12 +24,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from layerscan.cache import cache_root_or_default
 from layerscan.errors import NonFiniteOutput, UserError
 from layerscan.pipeline import LoadedPipeline
 
@@ -223,10 +224,6 @@ def baseline_key(loaded: LoadedPipeline, spec: GenerationSpec) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("LAYERSCAN_CACHE", Path.home() / ".cache" / "layerscan"))
-
-
 # Numerically equivalent changes to a BF16 run, whose distance to the baseline is the noise
 # floor: the part of any distance to BF16 that is not FP8's fault (diffusion sampling amplifies
 # one-ULP differences).  Generated with the baseline, on the same prompts and seeds.
@@ -388,7 +385,7 @@ def load_or_build_baseline(
     """
     warn = warn or (lambda message: print(message, file=sys.stderr))
     key = baseline_key(loaded, spec)
-    directory = (cache_root or default_cache_root()) / "baselines" / key
+    directory = cache_root_or_default(cache_root) / "baselines" / key
     cached, problem = _load_verified(directory, key, len(spec.items()))
     if cached is not None:
         return cached
@@ -431,7 +428,7 @@ def baseline_lock(loaded, spec, cache_root: Path | None = None):
     A second process on the same cache (this host, or a shared filesystem with working
     ``flock``) waits here, then finds the finished entry and loads it.
     """
-    root = (cache_root or default_cache_root()) / "baselines"
+    root = cache_root_or_default(cache_root) / "baselines"
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{baseline_key(loaded, spec)}.lock", "a") as fh:
         try:

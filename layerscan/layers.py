@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from torch import nn
 
@@ -42,11 +42,6 @@ def split_pattern(qualified: str) -> tuple[str, str]:
         component, pattern = qualified.split(":", 1)
         return component, pattern
     return MAIN, qualified
-
-
-def is_layer_skipped(engine_name: str, patterns: Iterable[str]) -> bool:
-    """vLLM's rule with substring matching on: skipped when any pattern occurs in the name."""
-    return any(p in engine_name for p in patterns)
 
 
 @dataclass(frozen=True)

@@ -94,9 +94,9 @@ def check_device(device: str | None, said: str | None = None) -> None:
         raise UserError(f"{said}: this machine has {count} CUDA GPU(s), numbered 0 to {count - 1}")
 
 
-def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+def resolve_model_dir(model: str, revision: str | None = None, cache_root: Path | None = None) -> Path:
     """A local pipeline directory for ``model``, downloading hub ids (only) when needed."""
-    local = local_model_dir(model)
+    local = local_model_dir(model, cache_root)
     if local is not None:
         return local
     from diffusers import DiffusionPipeline
@@ -108,13 +108,13 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
         raise UserError(f"could not fetch {model!r} from the hub: {first_line}") from None
 
 
-def local_model_dir(model: str) -> Path | None:
+def local_model_dir(model: str, cache_root: Path | None = None) -> Path | None:
     """The directory of a built-in or local ``model``; None for a hub id.  Never downloads, so
     a mistyped path is reported before anything slow happens."""
     from layerscan.tiny import TINY_ARCHITECTURES, tiny_pipeline_dir
 
     if model in TINY_ARCHITECTURES:
-        return tiny_pipeline_dir(model)
+        return tiny_pipeline_dir(model, cache_root)
     if model == DEMO_MODEL:
         from layerscan.demo import DEMO_PIPELINE_DIR
 
@@ -178,6 +178,7 @@ def load_pipeline(
     target: str | None = None,
     components: tuple[str, ...] | None = None,
     match: str | None = None,
+    cache_root: Path | None = None,
 ) -> LoadedPipeline:
     """Load ``model`` in ``dtype`` on ``device`` and index the layers ``target`` quantizes.
 
@@ -187,7 +188,7 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
-    path = resolve_model_dir(model, revision)
+    path = resolve_model_dir(model, revision, cache_root)
     index = json.loads((path / "model_index.json").read_text())
     if "transformer" not in index:
         raise UserError(f"{model} has no DiT: layerscan needs a pipeline with a 'transformer' "

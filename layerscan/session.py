@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from layerscan.cache import cache_root_or_default
 from layerscan.engine import Fp8Engine
 from layerscan.errors import UserError
 from layerscan.floor import NoiseFloor, measure_floor
@@ -59,6 +60,7 @@ class Session:
     spec: GenerationSpec
     scorer: Scorer
     metrics: list[str]
+    cache_root: Path  # baselines, trial images and proxy trajectories (layerscan.cache)
     baseline: Baseline | None = None
     floor: NoiseFloor | None = None
     criterion: Criterion | None = None  # the study's, with floor-relative thresholds resolved
@@ -93,8 +95,9 @@ def open_session(
     ``loaded``: a pipeline already in memory (benchmarks build full-size ones from configs
     with random weights, which never touch a disk); ``study.model`` then only names it.
     """
+    cache_root = cache_root_or_default(cache_root)
     if loaded is None:
-        local_model_dir(study.model)
+        local_model_dir(study.model, cache_root)
     prompts = read_prompts(study.prompts)
     metrics = resolve_metrics(study.metrics, study.lpips_net, allow_missing_lpips)
     if len(metrics) < len(study.metrics):
@@ -110,7 +113,8 @@ def open_session(
     if loaded is None:
         loaded = load_pipeline(study.model, device, trust_remote_code=trust_remote_code,
                                revision=study.revision, profile=study.profile, target=study.target,
-                               components=study.components, match=study.layer_match)
+                               components=study.components, match=study.layer_match,
+                               cache_root=cache_root)
     metrics = output_metrics(metrics, loaded)
     scorer = Scorer(metrics, study.lpips_net, str(loaded.device), video=loaded.video)
     engine = Fp8Engine(loaded, study.activation_scheme)
@@ -120,7 +124,7 @@ def open_session(
     if study.compile or (study.compile is None and loaded.device.type == "cuda"):
         compile_transformer(loaded.transformer)
     engine.apply(None)
-    session = Session(study, loaded, engine, spec, scorer, metrics)
+    session = Session(study, loaded, engine, spec, scorer, metrics, cache_root)
     images = len(spec.items())
     # One process builds a baseline; others on the same cache wait for it and load it.  The
     # denoising trajectory the proxies replay is recorded on the way, at the cost of a few copies.
@@ -129,7 +133,7 @@ def open_session(
                  unit="img", leave=False) as bar:
         session.baseline = load_or_build_baseline(
             loaded, spec, cache_root, on_image=lambda i, s: bar.update(1),
-            capture=capture_trajectory(loaded, spec), warn=warn)
+            capture=capture_trajectory(loaded, spec, cache_root), warn=warn)
     session.floor = measure_floor(scorer, session.baseline, [p for _, p, _ in spec.items()])
     crit = study.criterion
     session.criterion = crit.resolve(session.floor.mean.get(crit.metric),

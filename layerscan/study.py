@@ -100,14 +100,6 @@ class Criterion:
         return LOWER_IS_BETTER[self.metric]
 
     @property
-    def relative(self) -> bool:
-        return self.mean.relative or self.worst.relative
-
-    @property
-    def resolved(self) -> bool:
-        return not self.relative or self.floor_mean is not None
-
-    @property
     def mean_limit(self) -> float:
         return self.mean.resolve(self.floor_mean)
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from layerscan.cache import cache_root_or_default
 from layerscan.errors import UserError
 
 if TYPE_CHECKING:
@@ -663,13 +664,7 @@ def build_tiny_pipeline(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     return _save(_architecture(name).build(seed), out_dir)
 
 
-def _cache_root() -> Path:
-    """``$LAYERSCAN_CACHE`` if set, else ``~/.cache/layerscan``."""
-    root = os.environ.get("LAYERSCAN_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "layerscan"
-
-
-def tiny_pipeline_dir(name: str) -> Path:
+def tiny_pipeline_dir(name: str, cache_root: Path | None = None) -> Path:
     """Return the cached directory of a built-in tiny pipeline (seed 0), building it on first use.
 
     The build goes to a temporary sibling directory that is renamed into place in one step, so a
@@ -677,7 +672,7 @@ def tiny_pipeline_dir(name: str) -> Path:
     process wins the race, its directory is used and ours is discarded.
     """
     _architecture(name)
-    final = _cache_root() / "tiny" / f"{name}-{_CACHE_VERSION}"
+    final = cache_root_or_default(cache_root) / "tiny" / f"{name}-{_CACHE_VERSION}"
     if (final / "model_index.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ workers on different GPU models score against baselines made on their own GPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os

@@ -268,13 +268,13 @@ def test_stopped_records_are_reused_only_while_they_prove_failure(family_session
 
 def _fresh_capture(session) -> None:
     capture._MEMORY.clear()
-    directory = capture.cache_dir(session.loaded, session.spec)
+    directory = capture.cache_dir(session.loaded, session.spec, session.cache_root)
     if directory.exists():
         import shutil
 
         shutil.rmtree(directory)
     session.engine.apply(None)
-    with capture.capture_trajectory(session.loaded, session.spec):
+    with capture.capture_trajectory(session.loaded, session.spec, session.cache_root):
         for _ in iter_images(session.loaded, session.spec):
             pass
 
@@ -284,7 +284,7 @@ def test_trajectory_replays_bit_for_bit_and_survives_the_cache(which, family_ses
     session = family_session if which == "qwen" else _session(
         "tiny-flux", prompts, "tiny-flux", criterion_metric="psnr")
     _fresh_capture(session)
-    traj = capture.cached_trajectory(session.loaded, session.spec)
+    traj = capture.cached_trajectory(session.loaded, session.spec, session.cache_root)
     images = len(session.spec.items())  # two prompts, two seeds
     assert traj is not None and images == 4
     assert [(s.image, s.step) for s in traj.samples] == capture.sample_plan(session.spec.steps, images)
@@ -294,7 +294,7 @@ def test_trajectory_replays_bit_for_bit_and_survives_the_cache(which, family_ses
     assert traj.full_evaluation_calls == expected_calls * images
     # From disk, in a fresh process's view: the same inputs and outputs.
     capture._MEMORY.clear()
-    loaded = capture.cached_trajectory(session.loaded, session.spec)
+    loaded = capture.cached_trajectory(session.loaded, session.spec, session.cache_root)
     assert torch.equal(loaded.samples[0].output, traj.samples[0].output)
     proxies = Proxies(session)
     assert proxies.end_to_end(["transformer:"]) == 0.0  # the replay reproduces BF16 exactly

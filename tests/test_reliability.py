@@ -210,3 +210,25 @@ def test_an_answer_cut_short_by_the_budget_is_marked_everywhere(planted_dir, two
     report = (out / "report.md").read_text()
     assert f"the report generated {rec['report_generated_images']} image(s)" in report
     assert f"{rec['evaluated_configurations']} FP8 configurations on record" in report
+
+
+def test_the_settings_schema_agrees_with_what_runs():
+    """Study's annotations are the settings schema; the choices they list are the ones that exist."""
+    import typing
+
+    from layerscan.layers import GRANULARITIES, TEXT_ENCODER_GRANULARITIES
+    from layerscan.profiles import MATCH_MODES
+    from layerscan.search import STRATEGIES
+    from layerscan.study import Study
+
+    hints = typing.get_type_hints(Study)
+
+    def choices(name):
+        literal = [h for h in (hints[name], *typing.get_args(hints[name]))
+                   if typing.get_origin(h) is typing.Literal]
+        return set(typing.get_args(literal[0]))
+
+    assert choices("strategy") == set(STRATEGIES)
+    assert choices("granularity") == set(GRANULARITIES)
+    assert choices("text_encoder_granularity") == set(TEXT_ENCODER_GRANULARITIES)
+    assert choices("layer_match") == set(MATCH_MODES)

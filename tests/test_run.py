@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -218,6 +217,10 @@ def test_no_image_is_generated_twice_in_a_run(planted_dir, two_prompts, tmp_path
     # baseline + two noise-floor variants, then every FP8 evaluation's images; nothing else.
     assert len(calls) == 3 * images + evaluated
     assert rec["report_generated_images"] == 0
+    # --cache-dir is the one cache: baseline, trial images and the proxy trajectory all live there.
+    cache = tmp_path / "cache"
+    assert {p.name for p in cache.iterdir()} >= {"baselines", "trials"}
+    assert len(list((cache / "trials").rglob("*.png"))) == evaluated
     # Run again: everything is on record, nothing is generated at all.
     calls.clear()
     _run(planted_dir, out, two_prompts, "--strategy", "greedy", "--cache-dir", str(tmp_path / "cache"))

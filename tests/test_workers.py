@@ -33,7 +33,7 @@ from layerscan.search.optuna_search import (
     CONFIG_ATTR, DUPLICATE_ATTR, PARAM_PREFIX, RECORD_ATTR, WORKER_ATTR, OptunaStrategy, config_key,
     Sharing, open_storage, progress, record_of, trial_key,
 )
-from layerscan.study import Criterion, build_study, load_study
+from layerscan.study import build_study, load_study
 from layerscan.workers import SPEC_ATTR, pool_for_run, redact_url, study_values
 
 POSTGRES = os.environ.get("LAYERSCAN_TEST_POSTGRES")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from layerscan.generate import baseline_key, default_cache_root, generate_image
+from layerscan.generate import baseline_key, generate_image
 
 PROXY_FORMAT = 3  # 2: text-encoder calls recorded too; 3: samples name their DiT (Wan's experts)
 MAX_SAMPLES = 8  # DiT calls per replay pass, at most
@@ -216,8 +216,8 @@ def _key(loaded, spec) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cache_dir(loaded, spec) -> Path:
-    return default_cache_root() / "proxy" / _key(loaded, spec)
+def cache_dir(loaded, spec, cache_root: Path) -> Path:
+    return cache_root / "proxy" / _key(loaded, spec)
 
 
 class _Unserializable(Exception):
@@ -312,23 +312,23 @@ def _load(directory: Path) -> Trajectory | None:
         return None
 
 
-def cached_trajectory(loaded, spec) -> Trajectory | None:
+def cached_trajectory(loaded, spec, cache_root: Path) -> Trajectory | None:
     key = _key(loaded, spec)
     if key not in _MEMORY:
-        traj = _load(cache_dir(loaded, spec))
+        traj = _load(cache_dir(loaded, spec, cache_root))
         if traj is not None:
             _MEMORY[key] = traj
     return _MEMORY.get(key)
 
 
 @contextlib.contextmanager
-def capture_trajectory(loaded, spec) -> Iterator[None]:
+def capture_trajectory(loaded, spec, cache_root: Path) -> Iterator[None]:
     """Record the trajectory from the BF16 generation of every image of ``spec`` inside the block
     (the baseline's, which is generated anyway, so recording costs only the copies).
 
     A no-op when already cached.  Nothing is kept unless every planned sample was seen.
     """
-    if cached_trajectory(loaded, spec) is not None:
+    if cached_trajectory(loaded, spec, cache_root) is not None:
         yield
         return
     recorder = _Recorder(loaded.pipe, loaded.dits, sample_plan(spec.steps, len(spec.items())),
@@ -338,13 +338,13 @@ def capture_trajectory(loaded, spec) -> Iterator[None]:
         yield
     finally:
         recorder.detach()
-    _store(loaded, spec, recorder.trajectory(len(spec.items())))
+    _store(loaded, spec, recorder.trajectory(len(spec.items())), cache_root)
 
 
-def _store(loaded, spec, traj: Trajectory | None) -> None:
+def _store(loaded, spec, traj: Trajectory | None, cache_root: Path) -> None:
     if traj is not None:
         _MEMORY[_key(loaded, spec)] = traj
-        _save(cache_dir(loaded, spec), traj)
+        _save(cache_dir(loaded, spec, cache_root), traj)
 
 
 def record_trajectory(session) -> Trajectory:
@@ -353,7 +353,7 @@ def record_trajectory(session) -> Trajectory:
     The generation is counted as proxy cost (``record_calls``).  The engine is left in BF16.
     """
     spec = session.spec
-    traj = cached_trajectory(session.loaded, spec)
+    traj = cached_trajectory(session.loaded, spec, session.cache_root)
     if traj is not None:
         return traj
     plan = sample_plan(spec.steps, len(spec.items()))
@@ -372,5 +372,5 @@ def record_trajectory(session) -> Trajectory:
     if traj is None:
         raise RuntimeError("could not record the DiT calls of the BF16 trajectory")
     traj.record_calls = traj.calls_per_image * generated
-    _store(session.loaded, spec, traj)
+    _store(session.loaded, spec, traj, session.cache_root)
     return traj

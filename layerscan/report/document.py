@@ -416,10 +416,16 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
                 "and seeds. Distances this small are not FP8's doing.", "",
                 "| variant | " + " | ".join(f"{m} mean / worst" for m in session.metrics) + " |",
                 "|---|" + "---|" * len(session.metrics)]
+        identical = session.floor.identical
         for variant, data in session.floor.variants.items():
-            out.append(f"| {variant}: {FLOOR_VARIANTS[variant]} | " + " | ".join(
+            flag = " **(bit-identical to the baseline: measured nothing, not counted)**" \
+                if variant in identical else ""
+            out.append(f"| {variant}: {FLOOR_VARIANTS[variant]}{flag} | " + " | ".join(
                 f"{_fmt(data['mean'][m], m)} / {_fmt(data['worst'][m], m)}" for m in session.metrics) + " |")
         out.append("")
+        if identical and len(identical) == len(session.floor.variants):
+            out += ["**No variant changed any output here**: the floor is that of identical "
+                    "outputs, and a floor-relative threshold is as strict as it can be.", ""]
     out += ["## Ablation", "",
             "Every configuration on record, BF16 reference first. Weights are exact analytic "
             "bytes (FP8 weights + float32 scales, the rest BF16) over all components.", "",

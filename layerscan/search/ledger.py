@@ -24,7 +24,7 @@ from layerscan.engine import Ignored, describe, normalize
 from layerscan.evaluate import (
     TrialRecord, evaluate, judge, reference_record, still_decides, stop_when_failure_proven,
 )
-from layerscan.generate import default_cache_root, load_png, save_png
+from layerscan.generate import load_png, save_png
 from layerscan.study import Criterion
 
 class BudgetExhausted(Exception):
@@ -113,8 +113,8 @@ class TrialImages:
     run.  A stopped evaluation holds only the prompts it generated.
     """
 
-    def __init__(self, eval_key: str, root: Path | None = None) -> None:
-        self.root = (root or default_cache_root()) / "trials" / eval_key
+    def __init__(self, eval_key: str, cache_root: Path) -> None:
+        self.root = cache_root / "trials" / eval_key
 
     def directory(self, config: Ignored) -> Path:
         return self.root / config_digest(config)
@@ -172,7 +172,7 @@ class TrialLedger:
         self.max_trials = session.study.max_trials
         self.deadline = deadline
         self.store = TrialStore(out_dir / "trials.jsonl", session.eval_key)
-        self.images = TrialImages(session.eval_key)
+        self.images = TrialImages(session.eval_key, session.cache_root)
         self.on_record = on_record
         self.on_start = on_start
         self._evaluated_now: set[Ignored] = set()  # configurations evaluated in this process
