@@ -73,7 +73,7 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
 
 STUDY_FIELDS = ("model", "revision", "prompts", "seeds", "steps", "height", "width", "guidance",
                 "metrics", "lpips_net", "activation_scheme", "compile", "profile", "target", "components",
-                "layer_match", "name", "granularity", "text_encoder_granularity",
+                "layer_match", "name", "granularity", "text_encoder_granularity", "prefer",
                 "strategy", "refine", "max_trials", "timeout_s", "storage", "criterion_metric",
                 "criterion_mean", "criterion_worst")
 
@@ -213,6 +213,8 @@ def _run_in(args, study, out: Path) -> int:
             answer = answer[:300] + f"... (in full in {out / 'recommendation.json'})"
     print(f"recommended for {session.loaded.profile.target.name} "
           f"({describe(rec.config) if rec else 'none'}): quantization_config={answer}")
+    if outcome.ledger.preference_note:
+        print(f"note: {outcome.ledger.preference_note}", file=sys.stderr)
     if outcome.target_check is not None:
         print(outcome.target_check["line"].replace("**", ""))
     # Every process's records count (a shared study's workers included), as in the report.
@@ -273,6 +275,11 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
 def cmd_table(args) -> int:
     from layerscan.report.table import HEADERS, read_rows, render_table, update_docs_table
 
+    if args.ci_entries:
+        from layerscan.report.table import read_ci_entries
+
+        print(read_ci_entries(args.reports))
+        return 0
     rows = read_rows(args.reports)
     if args.update:
         for row, action in zip(rows, update_docs_table(args.update, rows)):
@@ -324,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", action="store_true", default=None,
                    help="refine the sensitive groups one level finer (families to "
                         "transformer_blocks.N.family cells, blocks to their families)")
+    p.add_argument("--prefer", choices=["speed", "memory", "quality"],
+                   help="what the answer optimises among passing configurations (default: speed "
+                        "where measured as served, compiled on a GPU; else memory)")
     p.add_argument("--max-trials", dest="max_trials", type=int)
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the output directory)")
@@ -354,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace or insert the rows in this docs file, in the columns of its table")
     p.add_argument("--format", choices=["vllm-omni", "seed"],
                    help="header to print (default: the first report's target's)")
+    p.add_argument("--ci-entries", dest="ci_entries", action="store_true",
+                   help="print each report's entry for vLLM-Omni's FP8 quality test instead (one "
+                        "model measured on several GPUs: one entry with per-GPU thresholds)")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("check", help="hold a report's recommendation to the installed target release's own code")

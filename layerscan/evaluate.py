@@ -16,7 +16,7 @@ import torch
 
 from layerscan.engine import Fp8Engine, Ignored, describe, normalize
 from layerscan.errors import NonFiniteOutput
-from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png, typical_seconds
+from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png, steady_seconds, typical_seconds
 from layerscan.metrics import METRICS, Scorer, summarize
 from layerscan.stats import bootstrap_ci, one_sided_bound
 from layerscan.study import Criterion
@@ -40,7 +40,8 @@ class TrialRecord:
     weight_bytes: dict[str, int] = field(default_factory=dict)
     bf16_kept_bytes: int = 0
     peak_memory_bytes: int | None = None
-    seconds_per_image: float | None = None
+    seconds_per_image: float | None = None  # median of image_seconds
+    image_seconds: list[float] = field(default_factory=list)  # each image's, compilation left out
     execution_mode: str = "eager"
     residency: str = "both"  # DiT weights on the device: "both" copies or "requantize" on switch
     device: str = "cpu"
@@ -102,7 +103,8 @@ def reference_record(session) -> TrialRecord:
                          weight_bytes=session.engine.weight_bytes(None),
                          residency=session.engine.residency, execution_mode=execution_mode(session.loaded),
                          peak_memory_bytes=baseline.peak_memory_bytes,
-                         seconds_per_image=baseline.seconds_per_image, strategy="reference")
+                         seconds_per_image=baseline.seconds_per_image,
+                         image_seconds=list(baseline.image_seconds), strategy="reference")
     record.per_prompt = [session.scorer.score_output(image, image, prompt)
                          for image, prompt in zip(baseline.images, prompts)]
     summarize_record(record)
@@ -226,6 +228,8 @@ def evaluate(
         record.status, record.error = "failed", failure_message(exc)
     record.peak_memory_bytes = _peak(loaded.device)
     # Images that compiled a graph are left out: their seconds are compilation, not FP8.
+    record.image_seconds = (list(resume.image_seconds) if resume is not None else []) + \
+        steady_seconds(seconds)
     record.seconds_per_image = typical_seconds(seconds) if seconds else (
         resume.seconds_per_image if resume is not None else None)
     if record.per_prompt and record.status != "failed":

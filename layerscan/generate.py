@@ -139,11 +139,16 @@ def iter_images(
         yield index, image, time.perf_counter() - began, _graphs_compiled() != graphs
 
 
+def steady_seconds(timings: list[tuple[float, bool]]) -> list[float]:
+    """The seconds of the images that compiled nothing (all of them, if every one did)."""
+    steady = [seconds for seconds, compiled in timings if not compiled]
+    return steady or [seconds for seconds, _ in timings]
+
+
 def typical_seconds(timings: list[tuple[float, bool]]) -> float | None:
     """Median seconds per image over the images that compiled nothing (all, if every one did):
     what an image costs once the configuration's graphs exist, as users running it would see."""
-    steady = [seconds for seconds, compiled in timings if not compiled]
-    chosen = steady or [seconds for seconds, _ in timings]
+    chosen = steady_seconds(timings)
     return float(np.median(chosen)) if chosen else None
 
 
@@ -242,6 +247,7 @@ class Baseline:
     cached: bool  # True when loaded from disk rather than generated now
     created_at: str = ""
     floor_images: dict[str, list[np.ndarray]] = field(default_factory=dict)  # variant -> images
+    image_seconds: list[float] = field(default_factory=list)  # per output, compilation left out
 
 
 def bf16_ulp_away_from_zero(x: torch.Tensor) -> torch.Tensor:
@@ -305,7 +311,7 @@ def _load_verified(directory: Path, key: str, count: int) -> tuple[Baseline | No
         floors = {v: read(files) for v, files in manifest["floor"].items()}
         return Baseline(images, float(manifest["seconds_per_image"]), manifest["peak_memory_bytes"],
                         directory, cached=True, created_at=manifest["created_at"],
-                        floor_images=floors), None
+                        floor_images=floors, image_seconds=manifest.get("image_seconds", [])), None
     except FileNotFoundError as exc:
         return None, f"{Path(exc.filename or '?').name} is missing"
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -408,9 +414,10 @@ def load_or_build_baseline(
                 loaded, spec, progress, f"floor-{variant}-", on_image)
     peaks = [e["peak_memory_bytes"] for e in entries if e["peak_memory_bytes"] is not None]
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    timings = [(e["seconds"], e["compiled"]) for e in entries]
     manifest = dict(key=key, model=loaded.model, spec=asdict(spec), files=files,
-                    floor=floor_files,
-                    seconds_per_image=typical_seconds([(e["seconds"], e["compiled"]) for e in entries]),
+                    floor=floor_files, seconds_per_image=typical_seconds(timings),
+                    image_seconds=steady_seconds(timings),
                     peak_memory_bytes=max(peaks) if peaks else None, created_at=created)
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
     (partial / "progress.jsonl").unlink()
@@ -418,7 +425,8 @@ def load_or_build_baseline(
         shutil.rmtree(directory)  # the damaged or stale entry that failed verification
     partial.rename(directory)
     return Baseline(images, manifest["seconds_per_image"], manifest["peak_memory_bytes"], directory,
-                    cached=False, created_at=created, floor_images=floors)
+                    cached=False, created_at=created, floor_images=floors,
+                    image_seconds=manifest["image_seconds"])
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ __all__ = [
     "cannot_tell_apart",
     "one_sided_bound",
     "paired_difference_ci",
+    "ratio_of_medians_ci",
 ]
 
 DEFAULT_RESAMPLES = 2000
@@ -190,3 +191,28 @@ def one_sided_bound(
     if lower_is_better:
         return max(mean, _quantiles(means, [level])[0])
     return min(mean, _quantiles(means, [1.0 - level])[0])
+
+
+def ratio_of_medians_ci(
+    numerator: Sequence[float] | np.ndarray,
+    denominator: Sequence[float] | np.ndarray,
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``median(numerator) / median(denominator)`` and its percentile-bootstrap ``level`` interval,
+    the two samples resampled independently (a speed-up: BF16 seconds per image over FP8's,
+    measured on different images).  Medians, because one image that waited on something else
+    should not move a speed-up.  Fewer than two values on either side give a collapsed interval.
+    """
+    _check(level, resamples)
+    a, b = _sample(numerator, "numerator"), _sample(denominator, "denominator")
+    ratio = float(np.median(a) / np.median(b))
+    if a.size < 2 or b.size < 2:
+        return ratio, ratio, ratio
+    rng = np.random.default_rng(seed)
+    ratios = (np.median(a[rng.integers(0, a.size, (resamples, a.size))], axis=1)
+              / np.median(b[rng.integers(0, b.size, (resamples, b.size))], axis=1))
+    tail = (1.0 - level) / 2.0
+    low, high = _quantiles(ratios, [tail, 1.0 - tail])
+    return ratio, low, high

@@ -158,6 +158,9 @@ class Study:
     text_encoder_granularity: Literal["family", "block", "module", "component"] | None = None
     strategy: Literal["auto", "greedy", "optuna", "exhaustive"] = "auto"
     refine: bool = False  # after the search, refine sensitive groups one level finer
+    # What the answer optimises among passing configurations (layerscan.search.answer); None:
+    # speed where it is measured as served (compiled, GPU), else memory.
+    prefer: Literal["speed", "memory", "quality"] | None = None
     max_trials: int = 200
     timeout_s: float | None = None
     activation_scheme: Literal["token", "tensor"] = "token"

@@ -28,7 +28,7 @@ from layerscan.proxy import capture
 from layerscan.proxy.scores import Proxies
 from layerscan.report.proxy_section import spearman
 from layerscan.runner import run_study
-from layerscan.search.ledger import recommend
+from layerscan.search.answer import recommend
 from layerscan.search.refine import Compressor
 from layerscan.session import open_session
 from layerscan.study import Criterion, Study, build_study, load_study

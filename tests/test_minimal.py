@@ -53,3 +53,45 @@ def test_nothing_passing_or_nothing_kept_needs_no_proof(session, tmp_path):
 
 def test_a_budget_planning_strategy_leaves_room_for_the_proof():
     assert proof_reserve(200, 6) == 6 and proof_reserve(8, 6) == 2 and proof_reserve(3, 6) == 0
+
+
+def test_prefer_speed_and_prefer_memory_keep_different_groups_each_for_its_measured_reason(session, tmp_path):
+    """img_mlp alone and img_mlp + to_out both pass.  With timings injected where keeping to_out
+    too is faster (FP8 slower than BF16 on a layer, as AMD measured on Wan 2.2), memory keeps
+    img_mlp alone and speed keeps to_out as well; the proof says why each group is kept."""
+    from layerscan.report.document import write_report
+    from layerscan.runner import RunOutcome
+
+    ledger = TrialLedger(session, tmp_path, "greedy")
+    ledger.evaluate((), early_stop=True)
+    lean, wide = ledger.evaluate(("img_mlp",)), ledger.evaluate(("img_mlp", "to_out"))
+    assert lean.passes and wide.passes
+    lean.seconds_per_image, wide.seconds_per_image = 0.300, 0.250  # injected: CPU is not as served
+    ledger.prefer = "memory"
+    assert ledger.recommend().config == ("img_mlp",)
+    assert prove_minimal(ledger).necessary == {"img_mlp": ()}
+    ledger.prefer = "speed"
+    assert ledger.recommend().config == ("img_mlp", "to_out")
+    proof = prove_minimal(ledger)
+    assert proof.necessary == {"img_mlp": ("to_out",)}  # to_out alone kept: fails
+    assert proof.kept_for_objective == {"to_out": ("img_mlp",)}  # passes without, 50 ms slower
+    outcome = RunOutcome(ledger, ledger.records(), [], ledger.recommend(), ledger.pareto(), "done",
+                         None, {}, minimality=proof)
+    write_report(session, outcome, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    to_out_bytes = wide.bf16_kept_bytes - lean.bf16_kept_bytes
+    from layerscan.report.plots import format_bytes
+
+    assert (f"| `to_out` | FP8, BF16 kept: img_mlp | " in report
+            and f"passes, but worse on speed: kept for it | {format_bytes(to_out_bytes)} | -50.0 |" in report)
+    assert "Chosen for speed among the passing configurations." in report
+
+
+def test_speed_counts_only_where_it_is_measured_as_served():
+    from layerscan.search.answer import resolve_preference
+
+    assert resolve_preference(None, "cuda", "compiled") == ("speed", None)
+    assert resolve_preference(None, "cpu", "eager") == ("memory", None)
+    prefer, note = resolve_preference("speed", "cpu", "eager")
+    assert prefer == "memory" and note.startswith("speed is not measured as served here (cpu, eager")
+    assert resolve_preference("quality", "cpu", "eager") == ("quality", None)

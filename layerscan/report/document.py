@@ -18,13 +18,14 @@ from layerscan.engine import describe
 from layerscan.evaluate import TrialRecord
 from layerscan.generate import FLOOR_VARIANTS, save_png
 from layerscan.metrics import METRICS
+from layerscan.report.ci_entry import UPSTREAM, build_entry, render_entry
 from layerscan.report.outputs import quantization_configs, serve_flag, trials_frame, write_recommendation
 from layerscan.report.plots import format_bytes, frame_strips, image_grid, pareto_chart, sensitivity_chart, strip_frames
 from layerscan.report.proxy_section import report_section as proxy_report_section
 from layerscan.report.table import HEADERS, column_keys, render_row, table_row
 from layerscan.runner import RunOutcome
 from layerscan.session import Session
-from layerscan.stats import paired_difference_ci
+from layerscan.stats import paired_difference_ci, ratio_of_medians_ci
 from layerscan.workers import redact_url as _redact  # storage URLs without passwords
 
 GRID_PROMPTS = 4  # image grid rows: the first few images keep the report readable
@@ -114,10 +115,14 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     # The image grid first: the images it generates count in what the JSON and the report say.
     grid = _images(session, outcome, out_dir, fp8_all, rec)
     cost = _cost(outcome)
+    ci_entry = quality_test_entry(session, rec)
     write_recommendation(out_dir / "recommendation.json", study.model, rec, bf16, loaded, {
         "final": outcome.final, "stop_reason": outcome.stop_reason,
         "not_final_because": outcome.why_not_final,
         "minimality": outcome.minimality.as_dict() if outcome.minimality else None,
+        "prefer": ledger.prefer, "preference_note": ledger.preference_note,
+        "speedup_vs_bf16": speedup_over_bf16(bf16, rec),
+        "ci_entry": {**ci_entry, "python": render_entry(ci_entry)},
         "criterion": crit.describe(),
         "noise_floor": session.floor.as_dict() if session.floor else None,
         "attribution": {c: _summary(ledger.recorded(config)) for c, config in outcome.attribution.items()},
@@ -137,10 +142,26 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     if pareto_chart(outcome.records, outcome.pareto, rec, crit, out_dir / "pareto.png"):
         charts.append(("Quality vs BF16-kept weights", "pareto.png"))
 
-    text = _markdown(session, outcome, display, header + row_line + "\n", fp8_all, charts, grid)
+    text = _markdown(session, outcome, display, header + row_line + "\n", fp8_all, charts, grid, ci_entry)
     path = out_dir / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def quality_test_entry(session: Session, rec: TrialRecord | None) -> dict:
+    """The recommendation as an entry of vLLM-Omni's FP8 quality test (layerscan.report.ci_entry)."""
+    loaded, spec, floor = session.loaded, session.spec, session.floor
+    paste = quantization_configs(rec, loaded)["paste"] if rec is not None else None
+    lpips_ci = rec.ci.get("lpips") if rec is not None else None
+    frames = dict(spec.extra).get("num_frames")
+    return build_entry(
+        model=session.study.model, quantization=paste, video=loaded.video,
+        edit=session.study.image is not None, prompt=spec.prompts[0], seed=spec.seeds[0],
+        steps=spec.steps, height=spec.height, width=spec.width, guidance=spec.guidance,
+        num_frames=frames, lpips_ci_high=lpips_ci[1] if lpips_ci else None,
+        lpips_floor=floor.mean.get("lpips") if floor else None,
+        device_name=torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else None,
+        metric=session.criterion.metric)
 
 
 def _summary(record: TrialRecord | None) -> dict | None:
@@ -249,17 +270,44 @@ def _minimality(session: Session, outcome: RunOutcome) -> list[str]:
     if proof.dropped:
         lines += [f"The search's answer also kept {', '.join(f'`{g}`' for g in proof.dropped)}; "
                   "without it the configuration still passes, so it is not kept.", ""]
-    lines += ["Every kept group is necessary: with it returned to FP8 (everything else as "
-              "recommended) the configuration fails.", "",
-              f"| kept group | returned to FP8 | {metric} mean [95 % CI] | verdict |", "|---|---|---|---|"]
-    for group, without in proof.necessary.items():
-        record = outcome.ledger.recorded(without)
-        lines.append(f"| `{group}` | {describe(without)} | {_with_ci(record, metric)} | "
-                     f"{_verdict(session, record)} |")
+    ledger = outcome.ledger
+    served = "" if ledger.speed_served else f" ({rec.execution_mode} on {rec.device}: not as served)"
+    lines += ["Each kept group with it returned to FP8 (everything else as recommended): a group "
+              f"is kept because the configuration then fails, or because it is worse on the run's "
+              f"objective ({ledger.prefer}). What keeping it costs is the difference to that "
+              "configuration.", "",
+              f"| kept group | returned to FP8 | {metric} mean [95 % CI] | verdict | keeping it costs: "
+              f"BF16 bytes | ms per {_output_word(session)}{served} |", "|---|---|---|---|---|---|"]
+    reasons = [(g, w, "necessary") for g, w in proof.necessary.items()] + \
+        [(g, w, "objective") for g, w in proof.kept_for_objective.items()]
+    for group, without, reason in reasons:
+        record = ledger.recorded(without)
+        verdict = _verdict(session, record) if reason == "necessary" else \
+            f"passes, but worse on {ledger.prefer}: kept for it"
+        lines.append(f"| `{group}` | {describe(without)} | {_with_ci(record, metric)} | {verdict} | "
+                     f"{format_bytes(rec.bf16_kept_bytes - record.bf16_kept_bytes)} | "
+                     f"{_ms_difference(rec, record)} |")
     for group in proof.unproven:
         lines.append(f"| `{group}` | not evaluated: the {proof.stop_reason} ended first | — | "
-                     "**not proven necessary** |")
+                     "**not proven necessary** | — | — |")
     return lines + [""]
+
+
+def _ms_difference(rec: TrialRecord, other: TrialRecord) -> str:
+    if rec.seconds_per_image is None or other.seconds_per_image is None:
+        return "—"
+    return f"{1000 * (rec.seconds_per_image - other.seconds_per_image):+.1f}"
+
+
+def speedup_over_bf16(reference: TrialRecord, rec: TrialRecord | None) -> dict | None:
+    """BF16's median seconds per image over the recommendation's, with a 95 % bootstrap
+    interval over the images timed (compilation left out)."""
+    if rec is None or not reference.image_seconds or not rec.image_seconds:
+        return None
+    ratio, low, high = ratio_of_medians_ci(reference.image_seconds, rec.image_seconds)
+    return {"median_ratio": ratio, "ci95": [low, high], "bf16_images": len(reference.image_seconds),
+            "fp8_images": len(rec.image_seconds), "execution_mode": rec.execution_mode,
+            "device": rec.device}
 
 
 def _floor_message(session: Session, outcome: RunOutcome, rows) -> str:
@@ -332,7 +380,7 @@ def _check_line(check: dict | None) -> str:
     return check["line"]
 
 
-def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> str:
+def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_entry) -> str:
     study, loaded, crit = session.study, session.loaded, session.criterion
     rec, ledger = outcome.recommended, outcome.ledger
     bf16 = ledger.reference
@@ -380,6 +428,18 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
         direction = "lower" if crit.lower_is_better else "higher"
         out += [f"**{describe(rec.config)}**: {crit.metric} mean {_with_ci(rec, crit.metric)}, "
                 f"worst {_fmt(rec.worst[crit.metric], crit.metric)} ({direction} is better).", ""]
+        ledger = outcome.ledger
+        out += [f"Chosen for {ledger.prefer} among the passing configurations"
+                + (f" ({ledger.preference_note})." if ledger.preference_note else ".")]
+        speedup = speedup_over_bf16(bf16, rec)
+        if speedup:
+            low, high = speedup["ci95"]
+            out += [f"Speed-up over BF16: {speedup['median_ratio']:.2f}x [95 % CI {low:.2f}, {high:.2f}] "
+                    f"({speedup['execution_mode']}, {device}; median seconds per {output} over "
+                    f"{speedup['bf16_images']} BF16 and {speedup['fp8_images']} FP8 {output}s)"
+                    + ("" if ledger.speed_served else "; not as served: eager or CPU FP8 runs "
+                       "without FP8 kernels") + "."]
+        out += [""]
         out += _minimality(session, outcome)
         target = profile.target.name
         if configs["paste"] is None:
@@ -410,6 +470,11 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid) -> st
         out += _comparisons(session, outcome) + [""]
     out += ["Supported-models table row (`row.md`; `layerscan table --update FILE` writes it "
             "into any table with either header):", "", row_table, ""]
+    out += ["Entry for vLLM-Omni's FP8 quality test (`QUALITY_CONFIGS` in "
+            f"[`{UPSTREAM['path']}`](https://github.com/{UPSTREAM['repository']}/blob/{UPSTREAM['commit']}/"
+            f"{UPSTREAM['path']}), form read at commit `{UPSTREAM['commit'][:12]}`; `layerscan table "
+            "--ci-entries` merges reports from several GPUs into per-GPU thresholds):", "",
+            "```python", render_entry(ci_entry), "```", ""]
     if session.floor and session.floor.variants:
         out += ["## Noise floor", "",
                 "BF16 against the BF16 baseline under numerically equivalent changes, same prompts "

@@ -119,19 +119,33 @@ def _header_of(data: dict) -> str:
 def read_rows(report_dirs: list[Path]) -> list[dict]:
     rows = []
     for directory in report_dirs:
-        path = directory / "recommendation.json" if directory.is_dir() else directory
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            row = dict(data["table_row"], _header=_header_of(data))
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"no layerscan recommendation.json with a table row in {directory}: "
-                            "is it a layerscan report directory?") from None
-        if data.get("final") is not True:
-            raise UserError(f"{directory}: not a final answer "
-                            f"({data.get('not_final_because') or 'written without a stop reason'}); "
-                            "finish the run before publishing its row")
-        rows.append(row)
+        row, data = _final_answer(directory, "table_row", "a table row")
+        rows.append(dict(row, _header=_header_of(data)))
     return rows
+
+
+def read_ci_entries(report_dirs: list[Path]) -> str:
+    """The quality-test entries of final reports, merged per model across GPUs, as Python."""
+    from layerscan.report.ci_entry import merge_by_gpu, render_entry
+
+    entries = [_final_answer(directory, "ci_entry", "a CI entry")[0] for directory in report_dirs]
+    return "\n".join(render_entry(entry) for entry in merge_by_gpu(entries))
+
+
+def _final_answer(directory: Path, key: str, what: str):
+    """``recommendation.json``'s ``key`` from a report directory, refused unless the answer is final."""
+    path = directory / "recommendation.json" if directory.is_dir() else directory
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        value = data[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"no layerscan recommendation.json with {what} in {directory}: "
+                        "is it a layerscan report directory written by this version?") from None
+    if data.get("final") is not True:
+        raise UserError(f"{directory}: not a final answer "
+                        f"({data.get('not_final_because') or 'written without a stop reason'}); "
+                        f"finish the run before publishing its {what.removeprefix('a ')}")
+    return value, data
 
 
 def render_table(rows: list[dict], header: str | None = None) -> str:

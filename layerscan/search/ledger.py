@@ -22,10 +22,11 @@ import numpy as np
 
 from layerscan.engine import Ignored, describe, normalize
 from layerscan.evaluate import (
-    TrialRecord, evaluate, judge, reference_record, still_decides, stop_when_failure_proven,
+    TrialRecord, evaluate, execution_mode, judge, reference_record, still_decides,
+    stop_when_failure_proven,
 )
 from layerscan.generate import load_png, save_png
-from layerscan.study import Criterion
+from layerscan.search.answer import pareto_front, recommend, resolve_preference, speed_is_served
 
 class BudgetExhausted(Exception):
     """The trial or time budget is spent; the search ends with what it has."""
@@ -138,23 +139,6 @@ class TrialImages:
         save_png(image, directory / name)
 
 
-def recommend(records: Iterable[TrialRecord], criterion: Criterion) -> TrialRecord | None:
-    """The passing FP8 configuration that keeps the fewest BF16 bytes, then the best quality,
-    then the shortest pattern list."""
-    passing = [r for r in records if r.config is not None and r.passes and r.status == "complete"]
-    return min(passing, key=lambda r: (r.bf16_kept_bytes, criterion.loss(r.mean[criterion.metric]),
-                                       len(r.config)), default=None)
-
-
-def pareto_front(records: Iterable[TrialRecord], criterion: Criterion) -> list[TrialRecord]:
-    """FP8 configurations no other configuration beats on both quality loss and BF16 bytes."""
-    points = [(criterion.loss(r.mean[criterion.metric]), r.bf16_kept_bytes, r) for r in records
-              if r.config is not None and r.status == "complete" and criterion.metric in r.mean]
-    front = [p for p in points if not any(
-        (q[0] <= p[0] and q[1] <= p[1]) and (q[0] < p[0] or q[1] < p[1]) for q in points)]
-    return [p[2] for p in sorted(front, key=lambda p: p[1])]
-
-
 class TrialLedger:
     """What a run knows, may still do, and concludes.
 
@@ -170,6 +154,11 @@ class TrialLedger:
         self.criterion = session.criterion  # thresholds resolved against the noise floor
         self.strategy = strategy
         self.max_trials = session.study.max_trials
+        loaded = session.loaded
+        self.speed_served = speed_is_served(loaded.device.type, execution_mode(loaded))
+        # What the answer optimises among passing configurations, and why not the one asked for.
+        self.prefer, self.preference_note = resolve_preference(
+            session.study.prefer, loaded.device.type, execution_mode(loaded))
         self.deadline = deadline
         self.store = TrialStore(out_dir / "trials.jsonl", session.eval_key)
         self.images = TrialImages(session.eval_key, session.cache_root)
@@ -280,10 +269,10 @@ class TrialLedger:
         return [self.reference] + sorted(fp8.values(), key=lambda r: r.finished_at)
 
     def recommend(self, records: Iterable[TrialRecord] | None = None) -> TrialRecord | None:
-        return recommend(self.records() if records is None else records, self.criterion)
+        return recommend(self.records() if records is None else records, self.criterion, self.prefer)
 
     def pareto(self) -> list[TrialRecord]:
-        return pareto_front(self.records(), self.criterion)
+        return pareto_front(self.records(), self.criterion, with_speed=self.speed_served)
 
     def best_label(self) -> str:
         best = self.recommend()

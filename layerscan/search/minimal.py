@@ -3,8 +3,10 @@
 A search may end on a passing configuration that keeps a group in BF16 for no reason (an Optuna
 sample that happened to include it, a greedy step taken before a finer one made it redundant).
 Before a recommendation is reported, each kept group is returned to FP8 on its own: the
-configuration without it must be on record and fail.  One that passes instead is the better
-answer (it keeps fewer BF16 bytes), becomes the recommendation, and is proven in turn.  The
+configuration without it must be on record and fail.  One that passes instead and is the better
+answer on the run's objective (fewer BF16 bytes, or faster, or better quality: ``prefer``)
+becomes the recommendation and is proven in turn; one that passes but is worse on the objective
+(slower, say: FP8 does not speed every layer up) leaves the group kept, for that measured reason.  The
 evaluations go through the ledger like any other (known ones cost nothing, a failure stops
 early, the trial budget counts them); when the budget ends first, the groups not yet proven
 are named.
@@ -24,6 +26,8 @@ class MinimalityProof:
 
     config: Ignored | None  # the recommendation the proof is about (None: nothing passed)
     necessary: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> without it
+    # group -> without it: passes, but the answer with the group is better on the objective
+    kept_for_objective: dict[str, tuple[str, ...]] = field(default_factory=dict)
     unproven: list[str] = field(default_factory=list)  # the budget ended before these were tried
     dropped: list[str] = field(default_factory=list)  # groups the search kept that were not needed
     stop_reason: str | None = None  # why the proof ended early ("budget", "timeout"), if it did
@@ -35,6 +39,7 @@ class MinimalityProof:
     def as_dict(self) -> dict:
         return {"ignored_layers_patterns": list(self.config or ()),
                 "necessary": {g: list(without) for g, without in self.necessary.items()},
+                "kept_for_objective": {g: list(w) for g, w in self.kept_for_objective.items()},
                 "unproven": self.unproven, "dropped": self.dropped}
 
 
@@ -70,9 +75,12 @@ def prove_minimal(ledger: TrialLedger) -> MinimalityProof:
                 proof.stop_reason = str(exc)
                 return proof
             if record.status != "failed" and record.passes:
-                # A smaller passing configuration: the recommendation changes; prove that one.
-                dropped.append(group)
-                break
+                if ledger.recommend().config != rec.config:
+                    # A passing configuration better on the objective: the answer; prove that one.
+                    dropped.append(group)
+                    break
+                proof.kept_for_objective[group] = without
+                continue
             proof.necessary[group] = without
         else:
             return proof

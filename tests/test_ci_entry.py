@@ -1,0 +1,101 @@
+"""The quality-test entry: upstream's QualityTestConfig form, a threshold derived from the
+measurement, per-GPU thresholds across reports, and an honest mark where it cannot be upstream's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from layerscan.cli import main
+from layerscan.report.ci_entry import (
+    REQUIRED_FIELDS, UPSTREAM, build_entry, gpu_key, merge_by_gpu, parse_entry, render_entry, round_up,
+)
+
+ALEX_FILE = Path(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url).name  # the LPIPS trunk's file
+PLANTED = {"method": "fp8", "ignored_layers": ["transformer_blocks.0.img_mlp.net.2"]}
+
+
+def _entry(**overrides) -> dict:
+    values = dict(model="Qwen/Qwen-Image", quantization=PLANTED, video=False, edit=False,
+                  prompt="a red fox", seed=0, steps=20, height=1024, width=1024, guidance=4.0,
+                  num_frames=None, lpips_ci_high=0.1234, lpips_floor=0.0151,
+                  device_name="NVIDIA H100 80GB HBM3", metric="lpips")
+    return build_entry(**{**values, **overrides})
+
+
+def test_an_entry_is_upstreams_form_with_a_measured_threshold():
+    entry = _entry()
+    source = render_entry(entry)
+    fields = parse_entry(source)
+    assert set(REQUIRED_FIELDS) <= set(fields)
+    assert fields["id"] == "fp8_qwen_image" and fields["task"] == "t2i"
+    assert fields["quantization"] == PLANTED and fields["num_inference_steps"] == 20
+    assert fields["max_lpips"] == 0.14  # 0.1234 + 0.0151 = 0.1385, rounded up at two decimals
+    assert entry["for_upstream"] and entry["gpu"] == "H100"
+    assert UPSTREAM["commit"] in json.dumps(entry["upstream"])
+    assert "# max_lpips: LPIPS 95 % CI upper end 0.1234 + noise floor 0.0151, rounded up " \
+           "(measured on NVIDIA H100 80GB HBM3)" in source
+
+
+def test_thresholds_round_up_never_down():
+    assert round_up(0.15) == 0.15 and round_up(0.1501) == 0.16 and round_up(0.149999999999) == 0.15
+
+
+def test_one_model_on_two_gpus_gets_per_gpu_thresholds():
+    h100 = _entry()
+    b200 = _entry(lpips_ci_high=0.15, lpips_floor=0.02, device_name="NVIDIA B200")
+    (merged,) = merge_by_gpu([h100, b200])
+    assert merged["fields"]["max_lpips"] == {"B200": 0.17, "H100": 0.14}
+    assert parse_entry(render_entry(merged))["max_lpips"] == {"B200": 0.17, "H100": 0.14}
+    assert gpu_key("NVIDIA H200") == "H200" and gpu_key(None) is None
+
+
+def test_an_entry_without_lpips_or_for_an_edit_pipeline_is_not_for_upstream():
+    entry = _entry(lpips_ci_high=None, lpips_floor=None, metric="psnr")
+    source = render_entry(entry)
+    assert not entry["for_upstream"] and entry["fields"]["max_lpips"] is None
+    assert source.startswith("# NOT FOR UPSTREAM: LPIPS was not measured (scored with psnr)")
+    assert parse_entry(source)["max_lpips"] is None
+    edit = _entry(edit=True)
+    assert not edit["for_upstream"] and "no task for editing pipelines" in render_entry(edit)
+    video = _entry(video=True, num_frames=81)
+    assert parse_entry(render_entry(video))["task"] == "t2v" and video["fields"]["num_frames"] == 81
+
+
+def test_parse_refuses_what_upstream_could_not_hold():
+    with pytest.raises(ValueError):
+        parse_entry('QualityTestConfig(id="x", task="t2i", prompt="p")')  # no max_lpips
+    with pytest.raises(ValueError):
+        parse_entry('QualityTestConfig(id="x", task="t2i", prompt="p", max_lpips=0.1, lora="y")')
+
+
+def test_a_run_with_lpips_writes_an_entry_derived_from_its_measurement(
+        planted_dir, two_prompts, tmp_path, monkeypatch, capsys):
+    """A real run scored with LPIPS (a random-weight AlexNet trunk in a temporary TORCH_HOME:
+    the loading path is real, the values mean nothing), and its entry parsed back."""
+    home = tmp_path / "torch"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(1234)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(),
+               home / "hub" / "checkpoints" / ALEX_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(planted_dir), "--study", "tiny-qwen-image", "--prompts",
+                 str(two_prompts), "--out", str(out), "--metrics", "lpips,psnr", "--strategy", "greedy",
+                 "--criterion-metric", "psnr", "--criterion-mean", "37", "--criterion-worst", "35"]) == 0
+    rec = json.loads((out / "recommendation.json").read_text())
+    entry = rec["ci_entry"]
+    fields = parse_entry(entry["python"])
+    assert fields["quantization"] == rec["quantization_config"]
+    high = rec["metrics"]["ci95"]["lpips"][1]
+    assert entry["derivation"]["lpips_ci95_high"] == high
+    assert fields["max_lpips"] == round_up(high + rec["noise_floor"]["mean"]["lpips"])
+    assert entry["for_upstream"] and entry["gpu"] is None  # measured on the CPU: no GPU key
+    assert entry["python"] in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["table", "--ci-entries", str(out)]) == 0
+    assert parse_entry(capsys.readouterr().out) == fields
