@@ -271,3 +271,35 @@ def test_an_interrupted_baseline_resumes_from_the_outputs_already_made(qwen, tmp
     assert resumed.seconds_per_image > 0
     again = load_or_build_baseline(loaded, SPEC, tmp_path / "cut")
     assert again.cached and not list((tmp_path / "cut" / "baselines").glob(".*.partial"))
+
+
+def test_a_floor_variant_that_changes_nothing_stops_after_one_output(qwen, tmp_path, monkeypatch):
+    """Under compilation the attention-math variant runs the baseline's own kernel; simulated
+    here by a variant that does nothing: its first output equals the baseline's, so no second
+    is made, and the floor flags it and leaves it out."""
+    import contextlib
+
+    from layerscan import generate
+    from layerscan.floor import measure_floor
+    from layerscan.metrics import Scorer
+
+    loaded, engine = qwen
+    engine.apply(None)
+    original_variant = generate.floor_variant
+
+    def variant(loaded_, name):
+        return contextlib.nullcontext() if name == "attention-math" else original_variant(loaded_, name)
+
+    monkeypatch.setattr(generate, "floor_variant", variant)
+    made = []
+    original = generate.generate_image
+    monkeypatch.setattr(generate, "generate_image", lambda *a, **k: made.append(a[2:]) or original(*a, **k))
+    baseline = load_or_build_baseline(loaded, SPEC, tmp_path)
+    assert len(made) == 2 + 2 + 1  # baseline, latents+1ulp, one attention-math output
+    assert len(baseline.floor_images["attention-math"]) == 1
+    assert np.array_equal(baseline.floor_images["attention-math"][0], baseline.images[0])
+    floor = measure_floor(Scorer(("psnr",)), baseline, list(SPEC.prompts))
+    assert floor.identical == ("attention-math",)
+    assert floor.mean == floor.variants["latents+1ulp"]["mean"]
+    again = load_or_build_baseline(loaded, SPEC, tmp_path)  # and the cache entry verifies
+    assert again.cached and len(again.floor_images["attention-math"]) == 1
