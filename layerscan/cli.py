@@ -184,7 +184,7 @@ def cmd_run(args) -> int:
 
 
 def _run_in(args, study, out: Path) -> int:
-    from layerscan.engine import describe
+    from layerscan.configs import describe
     from layerscan.report.document import write_report
     from layerscan.runner import run_study
 

@@ -23,29 +23,10 @@ from layerscan.fp8 import (
     per_tensor_scale,
     remove_fp8_weight_storage,
 )
+from layerscan.configs import Ignored, normalize
 from layerscan.layers import qualify, split_pattern
 from layerscan.pipeline import SERVING_ELEMENT_SIZE, LoadedPipeline
 from layerscan.profiles import STORAGE
-
-Ignored = tuple[str, ...] | None  # None: the BF16 baseline
-
-
-def normalize(ignored: Sequence[str] | None) -> Ignored:
-    """Canonical form of a configuration: sorted, deduplicated patterns (None stays BF16)."""
-    return None if ignored is None else tuple(sorted(set(ignored)))
-
-
-def describe(ignored: Ignored) -> str:
-    if ignored is None:
-        return "BF16"
-    return "FP8 all" if not ignored else "FP8, BF16 kept: " + ", ".join(
-        _readable(p) for p in ignored)
-
-
-def _readable(pattern: str) -> str:
-    component, inner = split_pattern(pattern)
-    return f"{component} (whole)" if not inner else pattern
-
 
 RESIDENCIES = ("auto", "both", "requantize")
 # Room left for activations, the other components' work and the allocator when deciding whether

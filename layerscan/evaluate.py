@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from layerscan.engine import Fp8Engine, Ignored, describe, normalize
+from layerscan.configs import Ignored, describe, normalize
+from layerscan.engine import Fp8Engine
 from layerscan.errors import NonFiniteOutput
 from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png, steady_seconds, typical_seconds
 from layerscan.metrics import METRICS, Scorer, summarize

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from layerscan.engine import describe
+from layerscan.configs import describe
 from layerscan.evaluate import TrialRecord
 from layerscan.layers import Group, qualify
 from layerscan.search import make_strategy
@@ -100,10 +100,14 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
     ctx = SearchContext(ledger, groups, session.criterion, seed=study.seed, storage=storage,
                         study_name=f"layerscan-{study.slug}-{session.eval_key[:8]}-{study.granularity}",
                         max_trials=study.max_trials - proof_reserve(study.max_trials, len(groups)),
-                        session=session, refine=study.refine)
+                        index=session.loaded.index, refine=study.refine)
     attribution = attribution_configs(session)
     ctx.notes["attribution"] = {c: list(config) for c, config in attribution.items()}
     chosen = make_strategy(strategy_name, ctx, ledger.records())
+    if chosen.needs_proxies:  # declared need: built here, from the pipeline the strategy never sees
+        from layerscan.proxy.scores import Proxies
+
+        ctx.proxies = lambda: Proxies(session)
     if pool is not None and not chosen.shares_study:
         print(f"strategy {strategy_name} runs on one worker; --gpus/--workers spread only "
               "--strategy optuna")

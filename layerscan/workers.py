@@ -330,7 +330,7 @@ def worker_main(args) -> int:
     ledger = TrialLedger(session, out, "optuna", on_record=lambda r: print(
         f"[{label}] {r.label}: {r.status}", file=sys.stderr))
     ctx = SearchContext(ledger, groups, session.criterion, seed=study.seed, storage=url,
-                        study_name=args.study, max_trials=study.max_trials, session=session)
+                        study_name=args.study, max_trials=study.max_trials, index=session.loaded.index)
     strategy = OptunaStrategy(sharing=Sharing(
         worker=label, host=host, device=_device_name(session.loaded.device), pid=pid,
         seed_offset=args.seed_offset if args.seed_offset is not None else pid,

@@ -201,7 +201,7 @@ def test_auto_equals_greedy_on_a_planted_family_with_a_third_of_the_evaluations(
     with monkeypatch.context() as patch:  # a DiT the proxies cannot replay: greedy's own ranking
         def unavailable(session):
             raise RuntimeError("cannot replay")
-        patch.setattr("layerscan.search.auto.Proxies", unavailable)
+        patch.setattr("layerscan.proxy.scores.Proxies", unavailable)
         answer, _, _, outcome = _run(family_session, tmp_path / "greedy", "auto")
     assert answer == ("img_mlp",) and outcome.new_evaluations == 0
     assert any("proxies unavailable" in line for line in outcome.notes["proxy"]["log"])

@@ -82,7 +82,7 @@ def test_prefer_speed_and_prefer_memory_keep_different_groups_each_for_its_measu
     to_out_bytes = wide.bf16_kept_bytes - lean.bf16_kept_bytes
     from layerscan.report.plots import format_bytes
 
-    assert (f"| `to_out` | FP8, BF16 kept: img_mlp | " in report
+    assert ("| `to_out` | FP8, BF16 kept: img_mlp | " in report
             and f"passes, but worse on speed: kept for it | {format_bytes(to_out_bytes)} | -50.0 |" in report)
     assert "Chosen for speed among the passing configurations." in report
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from layerscan.engine import describe
+from layerscan.configs import describe
 from layerscan.evaluate import TrialRecord
 from layerscan.generate import FLOOR_VARIANTS, save_png
 from layerscan.metrics import METRICS

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import math
 
-from layerscan.engine import describe
+from layerscan.configs import describe
 from layerscan.layers import Group
-from layerscan.proxy.scores import Proxies
 from layerscan.search.base import SearchContext, Strategy
 from layerscan.search.greedy import GreedyStrategy
 from layerscan.search.refine import (
@@ -43,6 +42,7 @@ JUMP = 0.5  # start from every group scoring at least this fraction of the top s
 
 class AutoStrategy(Strategy):
     name = "auto"
+    needs_proxies = True
 
     def __init__(self, refine: bool = False) -> None:
         self.refine = refine
@@ -58,7 +58,7 @@ class AutoStrategy(Strategy):
             return
         index = index_of(ctx)
         try:
-            self.proxies = Proxies(ctx.session)
+            self.proxies = ctx.proxies()
             self.proxies.layer_local()
         except (RuntimeError, TypeError, ValueError, KeyError) as exc:
             # A DiT whose calls cannot be recorded or replayed: greedy's own ranking instead.
@@ -95,7 +95,7 @@ class AutoStrategy(Strategy):
             self.notes["cost"] = self.proxies.describe_cost()
 
     def _note(self, record) -> None:
-        images = len(self.ctx.session.spec.items()) if self.ctx.session is not None else 0
+        images = self.ctx.ledger.image_count
         if record.status == "stopped":
             verdict = f"stopped after {len(record.per_prompt)}/{images} prompts: fails"
         elif record.status == "failed":

@@ -6,16 +6,18 @@ one is already known, whether the budget allows a new evaluation, recording it, 
 images and the final recommendation are the ledger's.  ``ctx.evaluate`` raises
 ``BudgetExhausted`` when no new evaluation may start; strategies let it propagate.
 
-What a strategy needs from the run beyond that it declares through hooks, the way Optuna's
-samplers declare theirs: ``shares_study`` (other processes may join its search; the runner then
-hands it a ``Sharing`` through ``share``) and ``records_elsewhere`` (evaluations other
-processes made, which the report includes).
+What a strategy needs from the run beyond that it declares, the way Optuna's samplers declare
+theirs: ``needs_proxies`` (the runner then hands it ``ctx.proxies``, built from the loaded
+pipeline it never sees), ``shares_study`` (other processes may join its search; the runner
+then hands it a ``Sharing`` through ``share``) and ``records_elsewhere`` (evaluations other
+processes made, which the report includes).  A strategy never touches the session, the engine
+or a cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from layerscan.evaluate import TrialRecord
 from layerscan.layers import Group
@@ -34,7 +36,9 @@ class SearchContext:
     storage: str | None = None  # for strategies that persist state of their own (Optuna)
     study_name: str = ""
     max_trials: int = 200  # what a strategy planning to a budget may spend (the proof's reserve left out)
-    session: Any = None  # the loaded pipeline, for strategies that measure proxies (auto)
+    index: Any = None  # the layers the groups are made of (layerscan.layers.LayerIndex), for refining
+    # For a strategy that declares ``needs_proxies``: builds the proxies (layerscan.proxy.scores).
+    proxies: Callable[[], Any] | None = None
     refine: bool = False  # refine the answer inside its groups, one level finer (--refine)
     notes: dict = field(default_factory=dict)  # what a strategy reports (proxy ranks, costs)
 
@@ -63,6 +67,7 @@ class Strategy:
     """Base of every strategy: ``run`` plus the hooks a strategy may override."""
 
     name = ""
+    needs_proxies = False  # whether the runner must hand it ``ctx.proxies``
     shares_study = False  # whether other processes can join this search (--gpus/--workers)
 
     def share(self, sharing) -> None:

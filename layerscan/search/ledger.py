@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from layerscan.engine import Ignored, describe, normalize
+from layerscan.configs import Ignored, describe, normalize
 from layerscan.evaluate import (
     TrialRecord, evaluate, execution_mode, judge, reference_record, still_decides,
     stop_when_failure_proven,

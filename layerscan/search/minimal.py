@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from layerscan.engine import Ignored
+from layerscan.configs import Ignored
 from layerscan.search.ledger import BudgetExhausted, TrialLedger
 
 

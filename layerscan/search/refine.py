@@ -133,9 +133,9 @@ def add_then_minimise(
 
 
 def index_of(ctx: SearchContext) -> LayerIndex:
-    if ctx.session is None:
-        raise UserError("refinement needs the loaded pipeline (SearchContext.session)")
-    return ctx.session.loaded.index
+    if ctx.index is None:
+        raise UserError("refinement needs the layer index (SearchContext.index)")
+    return ctx.index
 
 
 def greedy_refine(ctx: SearchContext, answer: Sequence[str]) -> tuple[str, ...]:
@@ -175,6 +175,7 @@ class RefinedStrategy(Strategy):
         self.inner = inner
         self.name = inner.name
         self.shares_study = inner.shares_study
+        self.needs_proxies = inner.needs_proxies
 
     def share(self, sharing) -> None:
         self.inner.share(sharing)
