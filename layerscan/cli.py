@@ -260,6 +260,12 @@ def cmd_check(args) -> int:
     return 0 if result.ok else EXIT_MISMATCH
 
 
+def cmd_serve(args) -> int:
+    from layerscan.batch import serve
+
+    return serve(args)
+
+
 def cmd_worker(args) -> int:
     from layerscan.workers import worker_main
 
@@ -268,7 +274,7 @@ def cmd_worker(args) -> int:
 
 def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--gpus", type=_ints, help="one worker per GPU, e.g. 0,1 (optuna only)")
+    group.add_argument("--gpus", type=_ints, help="one worker per GPU, e.g. 0,1")
     group.add_argument("--workers", type=int, help="N workers sharing this host's CPU cores")
 
 
@@ -357,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     _add_worker_flags(p)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("serve", help="a helper of `run --workers/--gpus` (started by it): evaluate "
+                                     "the configurations sent on stdin")
+    p.add_argument("--spec", required=True, help="the run's study values (JSON file)")
+    p.add_argument("--device")
+    p.add_argument("--cache-dir", dest="cache_dir", type=Path)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--allow-missing-lpips", action="store_true")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("table", help="print the supported-models table from report directories")
     p.add_argument("reports", nargs="+", type=Path)

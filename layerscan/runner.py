@@ -104,14 +104,12 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
     attribution = attribution_configs(session)
     ctx.notes["attribution"] = {c: list(config) for c, config in attribution.items()}
     chosen = make_strategy(strategy_name, ctx, ledger.records())
+    if pool is not None and not chosen.shares_study:  # its batches spread over the workers
+        ledger.pool = pool
     if chosen.needs_proxies:  # declared need: built here, from the pipeline the strategy never sees
         from layerscan.proxy.scores import Proxies
 
         ctx.proxies = lambda: Proxies(session)
-    if pool is not None and not chosen.shares_study:
-        print(f"strategy {strategy_name} runs on one worker; --gpus/--workers spread only "
-              "--strategy optuna")
-        pool = None
     if chosen.shares_study:  # a study other processes can join (layerscan.workers)
         from layerscan.workers import sharing_for
 
@@ -129,7 +127,7 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
     except KeyboardInterrupt:
         stop_reason = "interrupted"
     finally:
-        if pool is not None:  # the helper workers started for --gpus/--workers
+        if pool is not None and chosen.shares_study:  # Optuna's helpers, joined to its study
             pool.wait(interrupted=stop_reason == "interrupted")
     ledger.add_elsewhere(chosen.records_elsewhere(ctx))
     proof = None
@@ -142,6 +140,8 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
         stop_reason = "interrupted"
     finally:
         bar.close()
+        if ledger.pool is not None:  # the batch helpers: done, or killed on Ctrl-C
+            ledger.pool.close(interrupted=stop_reason == "interrupted")
     return RunOutcome(ledger, ledger.records(), groups, ledger.recommend(), ledger.pareto(),
                       stop_reason, storage if chosen.shares_study else None, attribution, ctx.notes,
                       minimality=proof)

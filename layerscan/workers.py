@@ -214,11 +214,12 @@ class WorkerPool:
         return failures
 
 
-def pool_for_run(args, study, out_dir: Path) -> WorkerPool | None:
+def pool_for_run(args, study, out_dir: Path):
     """``layerscan run --gpus/--workers``: this process takes the first slot, helpers the rest.
 
-    Sets ``args.device`` and this process's CPU threads for its own slot.  Strategies other
-    than optuna say so and run here alone.
+    Sets ``args.device`` and this process's CPU threads for its own slot.  Optuna's helpers
+    join its shared study (``WorkerPool``); every other strategy's evaluate the batches it
+    proposes (``layerscan.batch.EvaluationPool``).
     """
     slots = plan_slots(args.gpus, args.workers, args.device)
     first = slots[0]
@@ -226,11 +227,12 @@ def pool_for_run(args, study, out_dir: Path) -> WorkerPool | None:
         args.device = f"cuda:{args.gpus[0]}"
     from layerscan.search import STRATEGIES
 
-    if not STRATEGIES[study.strategy].shares_study:
-        print(f"strategy {study.strategy} runs on one worker; --gpus/--workers spread only "
-              "--strategy optuna", file=sys.stderr)
-        return None
     _set_threads(first.threads)
+    if not STRATEGIES[study.strategy].shares_study:
+        from layerscan.batch import EvaluationPool
+
+        values = dict(study_values(study), strategy=study.strategy)
+        return EvaluationPool(slots[1:], out_dir / "workers", _passed_flags(args), values)
     return WorkerPool(slots[1:], out_dir / "workers", _passed_flags(args), parent_label=first.label)
 
 

@@ -252,14 +252,19 @@ def test_baseline_is_built_once_by_concurrent_processes(planted_dir, two_prompts
     assert sorted(out.split()[-1] for out, _ in outs) == ["built", "cached"]
 
 
-def test_other_strategies_say_they_run_on_one_worker(tmp_path, capsys, monkeypatch):
+def test_each_strategy_gets_the_pool_it_spreads_over(tmp_path, monkeypatch):
+    from layerscan.batch import EvaluationPool
+
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this process keeps its own
     args = argparse.Namespace(gpus=None, workers=2, device="cpu", trust_remote_code=False,
                               allow_missing_lpips=False, cache_dir=None)
+    values = load_study("tiny-qwen-image")
+    values.update(model="tiny-qwen-image")
     for strategy in ("greedy", "exhaustive", "auto"):
-        study = argparse.Namespace(strategy=strategy)
-        assert pool_for_run(args, study, tmp_path) is None
-        assert f"strategy {strategy} runs on one worker" in capsys.readouterr().err
+        study = build_study({**values, "strategy": strategy})
+        pool = pool_for_run(args, study, tmp_path)
+        assert isinstance(pool, EvaluationPool) and [s.label for s in pool.slots] == ["w1"]
+        assert pool.study_values["strategy"] == strategy and not pool.started
     pool = pool_for_run(args, argparse.Namespace(strategy="optuna"), tmp_path)
     assert [s.label for s in pool.slots] == ["w1"] and pool.parent_label == "w0"
     gpus = argparse.Namespace(**{**vars(args), "gpus": [2, 3], "workers": None, "device": None})
@@ -370,3 +375,29 @@ def test_killed_worker_is_retried_and_the_answer_is_unchanged(planted_dir, two_p
     assert json.loads((out / "recommendation.json").read_text())["minimality"]["necessary"] == {"img_mlp": []}
     two = json.loads((out / "recommendation.json").read_text())
     assert two["quantization_config"] == single["quantization_config"]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "auto"])
+def test_a_batch_strategy_on_two_workers_gives_the_one_worker_answer(planted_dir, two_prompts, tmp_path, strategy):
+    """Greedy's groups alone and the minimality proof's removals are batches: a helper process
+    evaluates some, this process the others; nothing is evaluated twice and the answer is the
+    one worker's (the planted img_mlp)."""
+    argv = ["run", "--model", str(planted_dir), "--study", "tiny-qwen-image", "--prompts",
+            str(two_prompts), *CRITERION, "--strategy", strategy, "--components", "transformer"]
+    single = _spawn([*argv, "--out", str(tmp_path / "one")], tmp_path / "one")
+    two = _spawn([*argv, "--out", str(tmp_path / "two"), "--workers", "2"], tmp_path / "two")
+    for proc, name in ((single, "one"), (two, "two")):
+        _, err = _finish(proc, tmp_path / name)
+        assert proc.returncode == 0, err[-3000:]
+    one_rec = json.loads((tmp_path / "one" / "recommendation.json").read_text())
+    two_rec = json.loads((tmp_path / "two" / "recommendation.json").read_text())
+    assert two_rec["ignored_layers_patterns"] == one_rec["ignored_layers_patterns"] == PLANTED_ANSWER
+    assert two_rec["final"] and two_rec["minimality"]["necessary"] == {"img_mlp": []}
+    evaluated = _configs(tmp_path / "two" / "trials.jsonl")
+    records = [json.loads(line)["record"] for line in (tmp_path / "two" / "trials.jsonl").read_text().splitlines()]
+    complete = [config_key(r["config"]) for r in records if r["status"] != "stopped"]
+    assert len(complete) == len(set(complete))  # nobody evaluated a configuration twice
+    assert set(evaluated) == set(_configs(tmp_path / "one" / "trials.jsonl"))
+    if strategy == "greedy":  # its six groups alone are one batch: the helper took some
+        log = (tmp_path / "two" / "workers" / "w1.log").read_text()
+        assert log.count("evaluated [") >= 2

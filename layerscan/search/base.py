@@ -53,6 +53,12 @@ class SearchContext:
         """
         return self.ledger.evaluate({g.pattern for g in kept}, early_stop=early_stop)
 
+    def evaluate_many(self, batch: Iterable[Iterable[Group]], early_stop: bool = False) -> list[TrialRecord]:
+        """Records for configurations that do not depend on each other's verdicts (greedy's
+        single groups, one size of exhaustive's subsets), in order: spread over the run's
+        workers when it has several (``--workers``/``--gpus``), one after another otherwise."""
+        return self.ledger.evaluate_many([({g.pattern for g in kept}, early_stop) for kept in batch])
+
     def passes(self, record: TrialRecord) -> bool:
         return record.status != "failed" and bool(record.passes)
 

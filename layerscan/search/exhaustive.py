@@ -19,6 +19,5 @@ class ExhaustiveStrategy(Strategy):
                             f"{2 ** len(ctx.groups)} runs; use --strategy greedy or optuna, "
                             f"or a coarser --granularity / --text-encoder-granularity component "
                             f"(limit {MAX_GROUPS} groups)")
-        for size in range(len(ctx.groups) + 1):
-            for kept in combinations(ctx.groups, size):
-                ctx.evaluate(kept)
+        for size in range(len(ctx.groups) + 1):  # each size one batch, smallest first
+            ctx.evaluate_many(list(combinations(ctx.groups, size)))

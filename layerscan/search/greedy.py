@@ -17,5 +17,7 @@ class GreedyStrategy(Strategy):
     def run(self, ctx: SearchContext) -> None:
         if ctx.passes(ctx.evaluate([])):
             return
-        order = sorted(ctx.groups, key=lambda g: ctx.loss(ctx.evaluate([g])))
+        alone = ctx.evaluate_many([[g] for g in ctx.groups])  # independent: one batch
+        loss = {g.pattern: ctx.loss(r) for g, r in zip(ctx.groups, alone)}
+        order = sorted(ctx.groups, key=lambda g: loss[g.pattern])
         add_then_minimise(ctx.evaluate, ctx.passes, order)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -164,6 +165,8 @@ class TrialLedger:
         self.images = TrialImages(session.eval_key, session.cache_root)
         self.on_record = on_record
         self.on_start = on_start
+        self.pool = None  # layerscan.batch.EvaluationPool: where a batch's evaluations are spread
+        self._lock = threading.Lock()  # a pool's results are taken from its threads
         self._evaluated_now: set[Ignored] = set()  # configurations evaluated in this process
         self.continued = 0  # of those, evaluations that continued an early-stopped record
         self.report_generations = 0  # images the report had to generate (never evaluated ones)
@@ -228,11 +231,53 @@ class TrialLedger:
         cached = self.known(config, early_stop)
         if cached is not None:
             return cached
-        stopped = self.store.get(config)  # a stopped evaluation that no longer answers: continued
-        if stopped is not None and stopped.status != "stopped":
-            stopped = None
+        stopped = self._stopped(config)
         if stopped is None:
             self.check_allowed()
+        return self._evaluate_here(config, early_stop, stopped)
+
+    def evaluate_many(self, requests: list[tuple[Iterable[str], bool]]) -> list[TrialRecord]:
+        """Records for a batch of independent ``(patterns, early_stop)`` requests, in order.
+
+        Known configurations are answered from the ledger; the others are evaluated, spread over
+        the run's evaluation pool when there is one (``pool``), else one after another here.
+        When the trial budget or the deadline allows only some, those are evaluated and recorded
+        and then ``BudgetExhausted`` is raised, as ``evaluate`` would have.
+        """
+        configs = [normalize(patterns) for patterns, _ in requests]
+        self.asked.extend(configs)
+        todo: dict[Ignored, bool] = {}
+        for config, (_, early_stop) in zip(configs, requests):
+            if config is not None and self.known(config, early_stop) is None:
+                todo[config] = todo.get(config, True) and early_stop  # one asking in full wins
+        allowed, exhausted = [], None
+        room = self.max_trials - self.fp8_on_record()
+        for config, early_stop in todo.items():
+            stopped = self._stopped(config)
+            if stopped is None:
+                if room <= 0:
+                    exhausted = "budget"
+                    break
+                room -= 1
+            allowed.append((config, early_stop, stopped))
+        if self.deadline is not None and time.monotonic() > self.deadline and allowed:
+            allowed, exhausted = [], "timeout"
+        if self.pool is not None and len(allowed) > 1:
+            self.pool.evaluate(self, allowed)
+        else:
+            for config, early_stop, stopped in allowed:
+                self._evaluate_here(config, early_stop, stopped)
+        if exhausted:
+            raise BudgetExhausted(exhausted)
+        return [self.reference if c is None else self.known(c, early_stop) or self.store.get(c)
+                for c, (_, early_stop) in zip(configs, requests)]
+
+    def _stopped(self, config: Ignored) -> TrialRecord | None:
+        """A stopped evaluation of ``config`` that no longer answers: continued, not repeated."""
+        stopped = self.store.get(config)
+        return stopped if stopped is not None and stopped.status == "stopped" else None
+
+    def _evaluate_here(self, config: Ignored, early_stop: bool, stopped: TrialRecord | None) -> TrialRecord:
         if self.on_start:
             self.on_start(config)
         session = self.session
@@ -241,12 +286,18 @@ class TrialLedger:
                           self.criterion, image_dir=self.images.directory(config),
                           stop_rule=stop_when_failure_proven(self.criterion, total)
                           if early_stop else None, resume=stopped)
-        record.strategy = self.strategy
-        self.store.add(record)
-        self._evaluated_now.add(config)
-        self.continued += stopped is not None
-        if self.on_record:
-            self.on_record(record)
+        return self.take(record, continued=stopped is not None)
+
+    def take(self, record: TrialRecord, continued: bool) -> TrialRecord:
+        """Record an evaluation made here or by a pool worker for this run (thread-safe)."""
+        with self._lock:
+            record.strategy = self.strategy
+            self.judge(record)
+            self.store.add(record)
+            self._evaluated_now.add(record.config)
+            self.continued += continued
+            if self.on_record:
+                self.on_record(record)
         return record
 
     @property
