@@ -9,6 +9,7 @@ from pathlib import Path
 
 from layerscan.errors import UserError
 from layerscan.metrics import METRICS
+from layerscan.study import choices
 
 DEFAULT_MODEL = "demo"  # the trained offline pipeline shipped in layerscan/demo/pipeline
 EXIT_USER_ERROR = 2
@@ -45,14 +46,14 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--metrics", type=_csv, help="comma-separated: " + ",".join(METRICS))
-    p.add_argument("--lpips-net", dest="lpips_net", choices=["alex", "vgg"])
-    p.add_argument("--activation-scheme", dest="activation_scheme", choices=["token", "tensor"],
+    p.add_argument("--lpips-net", dest="lpips_net", choices=choices("lpips_net"))
+    p.add_argument("--activation-scheme", dest="activation_scheme", choices=choices("activation_scheme"),
                    help="dynamic FP8 activation scale per token (vLLM-Omni default) or per tensor")
     p.add_argument("--profile", help="architecture profile (default: chosen from the DiT class)")
     p.add_argument("--target", help=TARGET_HELP)
     p.add_argument("--components", type=_csv,
                    help="quantized components, e.g. transformer (default: the target's for the model)")
-    p.add_argument("--layer-match", dest="layer_match", choices=["exact", "substring"],
+    p.add_argument("--layer-match", dest="layer_match", choices=choices("layer_match"),
                    help="how the target matches ignored_layers (default: the target's; vLLM: exact)")
     p.add_argument("--criterion-metric", dest="criterion_metric", choices=list(METRICS))
     p.add_argument("--criterion-mean", dest="criterion_mean",
@@ -308,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layers", help="list every quantized component's layer groups")
     p.add_argument("--model", required=True)
-    p.add_argument("--granularity", default="family", choices=["family", "block", "module"])
+    p.add_argument("--granularity", default="family", choices=choices("granularity"))
     p.add_argument("--text-encoder-granularity", dest="text_encoder_granularity",
-                   choices=["family", "block", "module", "component"])
+                   choices=choices("text_encoder_granularity"))
     p.add_argument("--profile")
     p.add_argument("--target", help=TARGET_HELP)
     p.add_argument("--trust-remote-code", action="store_true")
@@ -328,16 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="search ignored_layers and write the report")
     _add_study_flags(p)
     p.add_argument("--name", help="display name of the model in the table row")
-    p.add_argument("--granularity", choices=["family", "block", "module"])
+    p.add_argument("--granularity", choices=choices("granularity"))
     p.add_argument("--text-encoder-granularity", dest="text_encoder_granularity",
-                   choices=["family", "block", "module", "component"],
+                   choices=choices("text_encoder_granularity"),
                    help="text-encoder groups (default: as --granularity; component: the whole text encoder)")
-    p.add_argument("--strategy", choices=["auto", "greedy", "optuna", "exhaustive"],
+    p.add_argument("--strategy", choices=choices("strategy"),
                    help="auto (default): proxy-ordered greedy with early stopping")
     p.add_argument("--refine", action="store_true", default=None,
                    help="refine the sensitive groups one level finer (families to "
                         "transformer_blocks.N.family cells, blocks to their families)")
-    p.add_argument("--prefer", choices=["speed", "memory", "quality"],
+    p.add_argument("--prefer", choices=choices("prefer"),
                    help="what the answer optimises among passing configurations (default: speed "
                         "where measured as served, compiled on a GPU; else memory)")
     p.add_argument("--max-trials", dest="max_trials", type=int)

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from layerscan.configs import Ignored, describe, normalize
 from layerscan.engine import Fp8Engine
 from layerscan.errors import NonFiniteOutput
-from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png, steady_seconds, typical_seconds
+from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png, typical_seconds
 from layerscan.metrics import METRICS, Scorer, summarize
 from layerscan.stats import bootstrap_ci, one_sided_bound
 from layerscan.study import Criterion
@@ -41,8 +42,8 @@ class TrialRecord:
     weight_bytes: dict[str, int] = field(default_factory=dict)
     bf16_kept_bytes: int = 0
     peak_memory_bytes: int | None = None
-    seconds_per_image: float | None = None  # median of image_seconds
-    image_seconds: list[float] = field(default_factory=list)  # each image's, compilation left out
+    seconds_per_image: float | None = None  # median of image_seconds (when any)
+    image_seconds: list[float] = field(default_factory=list)  # each image that compiled nothing
     execution_mode: str = "eager"
     residency: str = "both"  # DiT weights on the device: "both" copies or "requantize" on switch
     device: str = "cpu"
@@ -229,10 +230,14 @@ def evaluate(
         record.status, record.error = "failed", failure_message(exc)
     record.peak_memory_bytes = _peak(loaded.device)
     # Images that compiled a graph are left out: their seconds are compilation, not FP8.
+    # Images that compiled a graph are left out of both: their seconds are compilation.
     record.image_seconds = (list(resume.image_seconds) if resume is not None else []) + \
-        steady_seconds(seconds)
-    record.seconds_per_image = typical_seconds(seconds) if seconds else (
-        resume.seconds_per_image if resume is not None else None)
+        [s for s, compiled in seconds if not compiled]
+    if record.image_seconds:
+        record.seconds_per_image = float(np.median(record.image_seconds))
+    else:  # every image compiled something: the best there is
+        record.seconds_per_image = typical_seconds(seconds) if seconds else (
+            resume.seconds_per_image if resume is not None else None)
     if record.per_prompt and record.status != "failed":
         summarize_record(record)
         if criterion is not None:

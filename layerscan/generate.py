@@ -432,7 +432,7 @@ def load_or_build_baseline(
     timings = [(e["seconds"], e["compiled"]) for e in entries]
     manifest = dict(key=key, model=loaded.model, spec=asdict(spec), files=files,
                     floor=floor_files, seconds_per_image=typical_seconds(timings),
-                    image_seconds=steady_seconds(timings),
+                    image_seconds=[s for s, compiled in timings if not compiled],
                     peak_memory_bytes=max(peaks) if peaks else None, created_at=created)
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
     (partial / "progress.jsonl").unlink()

@@ -27,6 +27,8 @@ NOT_FINAL = {
                "continue it",
     "interrupted": "the run was interrupted before the search finished; rerun the same command "
                    "to resume it",
+    "unproven": "the trial budget or the time limit ran out before every kept group was shown "
+                "needed; rerun with a larger --max-trials (or --timeout) to prove or drop them",
 }
 
 
@@ -37,7 +39,7 @@ class RunOutcome:
     groups: list[Group]
     recommended: TrialRecord | None  # None: no configuration met the criterion
     pareto: list[TrialRecord]
-    stop_reason: str  # "done", "budget", "timeout" or "interrupted"
+    stop_reason: str  # "done", or a key of NOT_FINAL
     storage: str | None
     attribution: dict[str, tuple[str, ...]]  # component -> the configuration with it alone in FP8
     notes: dict = field(default_factory=dict)  # the strategy's own report (auto: proxy ranks, costs)
@@ -135,7 +137,7 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
         if stop_reason != "interrupted":  # Ctrl-C means now, not after more evaluations
             proof = prove_minimal(ledger)
             if stop_reason == "done" and proof.stop_reason:
-                stop_reason = proof.stop_reason  # the answer may keep a group it does not need
+                stop_reason = "unproven"  # the answer may keep a group it does not need
     except KeyboardInterrupt:
         stop_reason = "interrupted"
     finally:

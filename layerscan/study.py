@@ -254,8 +254,9 @@ def load_study(path: str | Path) -> dict:
         else:
             values[section] = entries
     for key in ("prompts", "image"):
-        # Paths are relative to the study file so a study directory can move as a unit.
-        if key in values and not Path(values[key]).is_absolute():
+        # Paths are relative to the study file so a study directory can move as a unit (a
+        # value that is not a string is left to check_settings to refuse).
+        if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
             relative = (path.parent / values[key]).resolve()
             values[key] = str(relative) if relative.exists() else values[key]
     return values
@@ -269,6 +270,15 @@ _POSITIVE = ("steps", "height", "width", "max_trials", "timeout_s")
 _NON_NEGATIVE = ("guidance",)
 _TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
                dict: "a table of keyword arguments"}
+
+
+def choices(name: str) -> list[str]:
+    """The values a choice field of ``Study`` takes, from its annotation (the CLI's choices)."""
+    hint = typing.get_type_hints(Study)[name]
+    for option in (hint, *typing.get_args(hint)):
+        if typing.get_origin(option) is Literal:
+            return list(typing.get_args(option))
+    raise ValueError(f"{name} is not a choice field")
 
 
 def _describe_type(hint) -> str:
@@ -334,7 +344,9 @@ def check_settings(values: dict, as_flags: bool = False) -> dict:
     hints = typing.get_type_hints(Study) | _CRITERION_TYPES
     unknown = set(values) - set(hints)
     if unknown:
-        raise UserError(f"unknown study field(s): {', '.join(sorted(unknown))}")
+        names = sorted(_FLAG_NAMES.get(k, "--" + k.replace("_", "-")) if as_flags
+                       else k.replace("criterion_", "criterion.", 1) for k in unknown)
+        raise UserError(f"unknown study field(s): {', '.join(names)}")
     checked = {}
     for key, value in values.items():
         if key == "criterion":

@@ -299,12 +299,8 @@ def worker_main(args) -> int:
     _set_threads(args.threads)
     attrs = read_study_attrs(url, args.study)
 
-    from layerscan.search.base import SearchContext
-    from layerscan.search.ledger import BudgetExhausted, TrialLedger
-    from layerscan.search.optuna_search import OptunaStrategy, Sharing
-    from layerscan.session import open_session
-    from layerscan.rundir import prepare_dir
-    from layerscan.study import build_study, slugify
+    from layerscan.rundir import hold_run_dir
+    from layerscan.study import slugify
 
     values = dict(attrs[SPEC_ATTR])
     if args.model:
@@ -312,7 +308,18 @@ def worker_main(args) -> int:
     host, pid = socket.gethostname(), os.getpid()
     label = args.label or f"{host}-{pid}"
     slug = slugify(values.get("name") or values["model"])
-    out = prepare_dir(args.out or Path("reports") / slug / "workers" / label)
+    with hold_run_dir(args.out or Path("reports") / slug / "workers" / label) as out:
+        return _work(args, url, attrs, values, label, host, pid, out)
+
+
+def _work(args, url: str, attrs: dict, values: dict, label: str, host: str, pid: int, out: Path) -> int:
+    """One worker's share of the study, in its own (held) directory."""
+    from layerscan.search.base import SearchContext
+    from layerscan.search.ledger import BudgetExhausted, TrialLedger
+    from layerscan.search.optuna_search import OptunaStrategy, Sharing
+    from layerscan.session import open_session
+    from layerscan.study import build_study
+
     values["prompts"] = _prompt_file(attrs, values, out)
     study = build_study(values)
     session = open_session(study, args.device, args.cache_dir, args.trust_remote_code,

@@ -22,7 +22,7 @@ PLANTED = {"method": "fp8", "ignored_layers": ["transformer_blocks.0.img_mlp.net
 def _entry(**overrides) -> dict:
     values = dict(model="Qwen/Qwen-Image", quantization=PLANTED, video=False, edit=False,
                   prompt="a red fox", seed=0, steps=20, height=1024, width=1024, guidance=4.0,
-                  num_frames=None, lpips_ci_high=0.1234, lpips_floor=0.0151,
+                  num_frames=None, lpips_ci_high=0.1234, lpips_first=0.1010, lpips_floor=0.0151,
                   device_name="NVIDIA H100 80GB HBM3", metric="lpips")
     return build_entry(**{**values, **overrides})
 
@@ -37,8 +37,13 @@ def test_an_entry_is_upstreams_form_with_a_measured_threshold():
     assert fields["max_lpips"] == 0.14  # 0.1234 + 0.0151 = 0.1385, rounded up at two decimals
     assert entry["for_upstream"] and entry["gpu"] == "H100"
     assert UPSTREAM["commit"] in json.dumps(entry["upstream"])
-    assert "# max_lpips: LPIPS 95 % CI upper end 0.1234 + noise floor 0.0151, rounded up " \
-           "(measured on NVIDIA H100 80GB HBM3)" in source
+    assert "# max_lpips: max(LPIPS mean's 95 % CI upper end 0.1234, this output's 0.1010) + noise " \
+           "floor 0.0151 (worst), rounded up (measured on NVIDIA H100 80GB HBM3)" in source
+
+
+def test_the_one_output_upstream_scores_sets_the_threshold_when_it_is_worse_than_the_mean():
+    hard = _entry(lpips_first=0.2013)  # the entry's prompt and seed is a hard one
+    assert hard["fields"]["max_lpips"] == 0.22  # 0.2013 + 0.0151, rounded up
 
 
 def test_thresholds_round_up_never_down():
@@ -52,6 +57,12 @@ def test_one_model_on_two_gpus_gets_per_gpu_thresholds():
     assert merged["fields"]["max_lpips"] == {"B200": 0.17, "H100": 0.14}
     assert parse_entry(render_entry(merged))["max_lpips"] == {"B200": 0.17, "H100": 0.14}
     assert gpu_key("NVIDIA H200") == "H200" and gpu_key(None) is None
+    (again,) = merge_by_gpu([h100, _entry(lpips_ci_high=0.16)])  # the same GPU twice: the looser
+    assert again["fields"]["max_lpips"] == 0.18
+    from layerscan.errors import UserError
+
+    with pytest.raises(UserError, match="differ in num_inference_steps"):
+        merge_by_gpu([h100, _entry(steps=50)])
 
 
 def test_an_entry_without_lpips_or_for_an_edit_pipeline_is_not_for_upstream():
@@ -62,6 +73,10 @@ def test_an_entry_without_lpips_or_for_an_edit_pipeline_is_not_for_upstream():
     assert parse_entry(source)["max_lpips"] is None
     edit = _entry(edit=True)
     assert not edit["for_upstream"] and "no task for editing pipelines" in render_entry(edit)
+    cpu = _entry(device_name=None)
+    assert not cpu["for_upstream"] and "measured on the CPU" in render_entry(cpu)
+    provisional = _entry(final=False)
+    assert not provisional["for_upstream"] and "the answer is not final" in render_entry(provisional)
     video = _entry(video=True, num_frames=81)
     assert parse_entry(render_entry(video))["task"] == "t2v" and video["fields"]["num_frames"] == 81
 
@@ -93,8 +108,10 @@ def test_a_run_with_lpips_writes_an_entry_derived_from_its_measurement(
     assert fields["quantization"] == rec["quantization_config"]
     high = rec["metrics"]["ci95"]["lpips"][1]
     assert entry["derivation"]["lpips_ci95_high"] == high
-    assert fields["max_lpips"] == round_up(high + rec["noise_floor"]["mean"]["lpips"])
-    assert entry["for_upstream"] and entry["gpu"] is None  # measured on the CPU: no GPU key
+    base = max(high, entry["derivation"]["lpips_of_this_output"])
+    assert fields["max_lpips"] == round_up(base + rec["noise_floor"]["worst"]["lpips"])
+    # Measured on the CPU: no GPU key, and marked not for upstream (FP8 emulated eagerly).
+    assert not entry["for_upstream"] and entry["gpu"] is None
     assert entry["python"] in (out / "report.md").read_text()
     capsys.readouterr()
     assert main(["table", "--ci-entries", str(out)]) == 0

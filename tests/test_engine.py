@@ -265,8 +265,10 @@ def test_an_interrupted_baseline_resumes_from_the_outputs_already_made(qwen, tmp
     assert said == ["resuming the BF16 baseline: 3 of 6 outputs already made"]
     assert len(made) == 3 and not resumed.cached
     whole = load_or_build_baseline(loaded, SPEC, tmp_path / "whole")
+    assert len(whole.images) == len(resumed.images) == 2
     assert all(np.array_equal(a, b) for a, b in zip(whole.images, resumed.images))
     for variant, images in whole.floor_images.items():
+        assert len(images) == len(resumed.floor_images[variant]) == 2
         assert all(np.array_equal(a, b) for a, b in zip(images, resumed.floor_images[variant]))
     assert resumed.seconds_per_image > 0
     again = load_or_build_baseline(loaded, SPEC, tmp_path / "cut")

@@ -214,21 +214,21 @@ def test_an_answer_cut_short_by_the_budget_is_marked_everywhere(planted_dir, two
 
 def test_the_settings_schema_agrees_with_what_runs():
     """Study's annotations are the settings schema; the choices they list are the ones that exist."""
-    import typing
-
     from layerscan.layers import GRANULARITIES, TEXT_ENCODER_GRANULARITIES
     from layerscan.profiles import MATCH_MODES
     from layerscan.search import STRATEGIES
-    from layerscan.study import Study
+    from layerscan.cli import build_parser
+    from layerscan.search.answer import resolve_preference
+    from layerscan.study import choices
 
-    hints = typing.get_type_hints(Study)
-
-    def choices(name):
-        literal = [h for h in (hints[name], *typing.get_args(hints[name]))
-                   if typing.get_origin(h) is typing.Literal]
-        return set(typing.get_args(literal[0]))
-
-    assert choices("strategy") == set(STRATEGIES)
-    assert choices("granularity") == set(GRANULARITIES)
-    assert choices("text_encoder_granularity") == set(TEXT_ENCODER_GRANULARITIES)
-    assert choices("layer_match") == set(MATCH_MODES)
+    assert set(choices("strategy")) == set(STRATEGIES)
+    assert set(choices("granularity")) == set(GRANULARITIES)
+    assert set(choices("text_encoder_granularity")) == set(TEXT_ENCODER_GRANULARITIES)
+    assert set(choices("layer_match")) == set(MATCH_MODES)
+    assert all(resolve_preference(p, "cpu", "eager")[0] in choices("prefer") for p in choices("prefer"))
+    # The command line offers exactly the schema's choices.
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    offered = {a.dest: list(a.choices) for a in run._actions if a.choices}
+    for name in ("strategy", "granularity", "text_encoder_granularity", "layer_match", "lpips_net",
+                 "activation_scheme", "prefer"):
+        assert offered[name] == choices(name), name

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -48,11 +50,27 @@ def test_every_strategy_finds_the_planted_family(planted_dir, two_prompts, tmp_p
     assert rec["target"] == "vllm-omni==0.30.0" and rec["forms"] == ["flat"]
     assert rec["quantization_config_per_component"] is None
     assert rec["layers"]["transformer"]["bf16"] == IMG_MLP and set(rec["layers"]) == {"transformer"}
+    row = (tmp_path / strategy / "row.md").read_text()
+    assert row == (f"| Tiny-Qwen-Image | `{planted_dir}` | Yes | | Keep `img_mlp` in BF16 | `img_mlp` |"
+                   " No (vllm-omni==0.30.0 does not quantize it) |\n")
+    trials = pd.read_csv(tmp_path / strategy / "trials.csv")
+    fp8 = trials[~trials["bf16"]]
+    assert len(fp8) == len(set(fp8["ignored_layers"].fillna("")))  # never evaluated twice
+    assert {"psnr_mean", "psnr_worst", "ssim_mean", "weight_bytes_total", "seconds_per_image",
+            "status"} <= set(trials.columns)
+    if strategy == "exhaustive":
+        assert len(fp8) == 2 ** 6
+    if strategy == "optuna":
+        assert (tmp_path / strategy / "study.db").is_file()
+    report = (tmp_path / strategy / "report.md").read_text()
+    for png in ("pareto.png", "images.png"):
+        assert png in report and (tmp_path / strategy / png).is_file()
+    assert "## What FP8 costs, component by component" in report
     # The one kept group is proven necessary: FP8 everywhere (img_mlp returned to FP8) fails.
     assert rec["minimality"]["necessary"] == {"img_mlp": []} and rec["minimality"]["unproven"] == []
     assert rec["final"] is True
-    report = (tmp_path / strategy / "report.md").read_text()
-    assert "Every kept group is necessary" in report and "| `img_mlp` | FP8 all |" in report
+    assert "a group is kept because the configuration then fails" in report
+    assert re.search(r"\| `img_mlp` \| FP8 all \| [^\n]*\| fails", report)
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "auto"])

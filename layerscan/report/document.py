@@ -115,7 +115,7 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     # The image grid first: the images it generates count in what the JSON and the report say.
     grid = _images(session, outcome, out_dir, fp8_all, rec)
     cost = _cost(outcome)
-    ci_entry = quality_test_entry(session, rec)
+    ci_entry = quality_test_entry(session, rec, outcome.final)
     write_recommendation(out_dir / "recommendation.json", study.model, rec, bf16, loaded, {
         "final": outcome.final, "stop_reason": outcome.stop_reason,
         "not_final_because": outcome.why_not_final,
@@ -148,20 +148,22 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     return path
 
 
-def quality_test_entry(session: Session, rec: TrialRecord | None) -> dict:
+def quality_test_entry(session: Session, rec: TrialRecord | None, final: bool) -> dict:
     """The recommendation as an entry of vLLM-Omni's FP8 quality test (layerscan.report.ci_entry)."""
     loaded, spec, floor = session.loaded, session.spec, session.floor
     paste = quantization_configs(rec, loaded)["paste"] if rec is not None else None
     lpips_ci = rec.ci.get("lpips") if rec is not None else None
+    # Upstream scores one output, the first prompt with the first seed: index 0 here.
+    first = rec.per_prompt[0].get("lpips") if rec is not None and rec.per_prompt else None
     frames = dict(spec.extra).get("num_frames")
     return build_entry(
         model=session.study.model, quantization=paste, video=loaded.video,
         edit=session.study.image is not None, prompt=spec.prompts[0], seed=spec.seeds[0],
         steps=spec.steps, height=spec.height, width=spec.width, guidance=spec.guidance,
-        num_frames=frames, lpips_ci_high=lpips_ci[1] if lpips_ci else None,
-        lpips_floor=floor.mean.get("lpips") if floor else None,
+        num_frames=frames, lpips_ci_high=lpips_ci[1] if lpips_ci else None, lpips_first=first,
+        lpips_floor=floor.worst.get("lpips") if floor else None,
         device_name=torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else None,
-        metric=session.criterion.metric)
+        metric=session.criterion.metric, final=final)
 
 
 def _summary(record: TrialRecord | None) -> dict | None:
@@ -354,8 +356,9 @@ def _comparisons(session: Session, outcome: RunOutcome) -> list[str]:
     floor = session.floor
     if floor is not None and rec is not None:
         for variant, data in floor.variants.items():
-            pairs.append(("the recommendation", rec, f"BF16 with {variant}", data))
-            break
+            if variant not in floor.identical:  # the first variant that measured something
+                pairs.append(("the recommendation", rec, f"BF16 with {variant}", data))
+                break
     lines = []
     for name_a, a, name_b, b in pairs:
         va = [p[metric] for p in a.per_prompt]
@@ -468,8 +471,12 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
                 f"{format_bytes(bf16.total_weight_bytes)} in BF16 "
                 f"({format_bytes(saved)} saved, {100 * saved / bf16.total_weight_bytes:.1f} %).", ""]
         out += _comparisons(session, outcome) + [""]
-    out += ["Supported-models table row (`row.md`; `layerscan table --update FILE` writes it "
-            "into any table with either header):", "", row_table, ""]
+    if outcome.final:
+        out += ["Supported-models table row (`row.md`; `layerscan table --update FILE` writes it "
+                "into any table with either header):", "", row_table, ""]
+    else:
+        out += ["Supported-models table row, **not written to `row.md`** (the answer is not "
+                "final):", "", row_table, ""]
     out += ["Entry for vLLM-Omni's FP8 quality test (`QUALITY_CONFIGS` in "
             f"[`{UPSTREAM['path']}`](https://github.com/{UPSTREAM['repository']}/blob/{UPSTREAM['commit']}/"
             f"{UPSTREAM['path']}), form read at commit `{UPSTREAM['commit'][:12]}`; `layerscan table "

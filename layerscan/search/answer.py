@@ -14,7 +14,10 @@ from typing import Iterable
 from layerscan.evaluate import TrialRecord
 from layerscan.study import Criterion
 
-PREFERENCES = ("speed", "memory", "quality")
+# Seconds per image within this fraction of the fastest count as equally fast: medians of a few
+# images move by about this much between identical runs, and a difference inside it is not a
+# reason to keep more layers in BF16.
+SPEED_TIE = 0.02
 
 
 def speed_is_served(device_type: str, execution_mode: str) -> bool:
@@ -44,14 +47,19 @@ def _seconds(record: TrialRecord) -> float:
 
 def recommend(records: Iterable[TrialRecord], criterion: Criterion, prefer: str = "memory") -> TrialRecord | None:
     """The passing FP8 configuration best on ``prefer``, ties broken by the other two and then
-    by the shortest pattern list."""
+    by the shortest pattern list (for speed: within ``SPEED_TIE`` of the fastest is a tie)."""
     def loss(r: TrialRecord) -> float:
         return criterion.loss(r.mean[criterion.metric])
 
+    passing = _passing(records)
+    if prefer == "speed" and passing:
+        # As fast as the fastest, within timing noise; among those, the fewest BF16 bytes.
+        fastest = min(_seconds(r) for r in passing)
+        passing = [r for r in passing if _seconds(r) <= fastest * (1 + SPEED_TIE)]
     keys = {"memory": lambda r: (r.bf16_kept_bytes, loss(r), _seconds(r), len(r.config)),
-            "speed": lambda r: (_seconds(r), r.bf16_kept_bytes, loss(r), len(r.config)),
+            "speed": lambda r: (r.bf16_kept_bytes, loss(r), _seconds(r), len(r.config)),
             "quality": lambda r: (loss(r), r.bf16_kept_bytes, _seconds(r), len(r.config))}
-    return min(_passing(records), key=keys[prefer], default=None)
+    return min(passing, key=keys[prefer], default=None)
 
 
 def pareto_front(records: Iterable[TrialRecord], criterion: Criterion, with_speed: bool = False) -> list[TrialRecord]:

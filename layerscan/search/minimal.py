@@ -56,15 +56,14 @@ def prove_minimal(ledger: TrialLedger) -> MinimalityProof:
     groups still unproven listed (``stop_reason`` says which).
     """
     dropped: list[str] = []
-    proof, seen = MinimalityProof(None), set()
+    proofs: dict = {}  # by recommendation
     while True:
         rec = ledger.recommend()
         if rec is None:
             return MinimalityProof(None, dropped=dropped)
-        if rec.config in seen:  # the smaller pass ties with it on BF16 bytes (overlapping groups)
-            return proof
-        seen.add(rec.config)
-        proof = MinimalityProof(rec.config, dropped=dropped)
+        if rec.config in proofs:  # back to an answer already proven (overlapping groups tie)
+            return proofs[rec.config]
+        proof = proofs[rec.config] = MinimalityProof(rec.config, dropped=dropped)
         kept = list(rec.config)
         withouts = [tuple(g for g in kept if g != group) for group in kept]
         try:  # independent of each other: one batch, spread over the run's workers
