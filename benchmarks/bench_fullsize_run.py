@@ -35,7 +35,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# ``--code DIR``: the layerscan package to measure, e.g. an earlier commit's
+# (``git archive COMMIT layerscan | tar -x -C DIR``), so before and after run in one call.
+_code = sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv else str(REPO)
+sys.path.insert(0, _code)
 
 PROMPTS = ("a red fox in fresh snow, morning light, photograph",
            "a street sign that reads OPEN 24 HOURS, neon, night",
@@ -96,6 +99,13 @@ def build_pipeline(device: torch.device, smoke: bool = False):
     return pipe
 
 
+def _threshold(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # "floor - N": the study resolves it against the measured noise floor
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("eager", "compiled"), default="eager")
@@ -108,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategy", default="greedy")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: tests the script")
+    p.add_argument("--code", help="directory holding the layerscan package to measure (default: this checkout's)")
+    p.add_argument("--plant", action="store_true",
+                   help="plant a massive activation in every block's img_mlp input (as "
+                        "tiny-qwen-image-outlier does), so there is an answer to find: img_mlp")
+    p.add_argument("--criterion-mean", default="60", help="PSNR mean threshold (a number or 'floor - N')")
+    p.add_argument("--criterion-worst", default="0", help="PSNR worst-image threshold")
     args = p.parse_args(argv)
 
     from layerscan.generate import synchronize
@@ -128,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter()
     start = time.perf_counter()
     pipe = build_pipeline(device, args.smoke)
+    if args.plant:
+        from layerscan.tiny import plant_massive_activation
+
+        with torch.no_grad():
+            plant_massive_activation(pipe, "img_mlp")
     synchronize(device)
     phases["build"] = time.perf_counter() - start
     params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
@@ -151,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     study = build_study(dict(
         model="fullsize-qwen-image", name="Qwen-Image (full size, random weights)",
         prompts=str(prompts), seeds=[0], steps=args.steps, height=args.size, width=args.size,
-        guidance=4.0, metrics=["ssim", "psnr"], criterion_metric="psnr", criterion_mean=60.0,
-        criterion_worst=0.0, strategy=args.strategy, max_trials=args.max_trials,
+        guidance=4.0, metrics=["ssim", "psnr"], criterion_metric="psnr",
+        criterion_mean=_threshold(args.criterion_mean), criterion_worst=_threshold(args.criterion_worst),
+        strategy=args.strategy, max_trials=args.max_trials,
         compile=args.mode == "compiled"))
     loaded = wrap_pipeline(pipe, study.model, work, "random-seed-0", device, torch.bfloat16)
     start = time.perf_counter()
@@ -160,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                            warn=lambda m: print(m, file=sys.stderr))
     synchronize(device)
     phases["baseline_and_floor"] = time.perf_counter() - start
+    baseline_generation = dict(generation)
     evaluations: list[dict] = []
     start = time.perf_counter()
     outcome = run_study(session, work / "report", study.strategy)
@@ -169,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     write_report(session, outcome, work / "report")
     phases["report"] = time.perf_counter() - start
     wall = time.perf_counter() - wall
+    after_baseline = phases["search"] + phases["report"]
+    search_generation = generation["seconds"] - baseline_generation["seconds"]
     for r in outcome.records:
         evaluations.append(dict(config=None if r.config is None else list(r.config), label=r.label,
                                 status=r.status, images=len(r.per_prompt),
@@ -185,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         phases_s={k: round(v, 2) for k, v in phases.items()}, wall_s=round(wall, 2),
         generation_s=round(generation["seconds"], 2), images_generated=generation["images"],
         non_generation_share=round(1 - generation["seconds"] / wall, 4),
+        baseline_phase_images=baseline_generation["images"],
+        baseline_phase_generation_s=round(baseline_generation["seconds"], 2),
+        search_phase_images=generation["images"] - baseline_generation["images"],
+        generation_share_after_baseline=round(search_generation / after_baseline, 4) if after_baseline else None,
+        answer=None if outcome.recommended is None else list(outcome.recommended.config),
+        floor={"mean": session.floor.mean, "worst": session.floor.worst,
+               "identical_variants": list(getattr(session.floor, "identical", ()))},
+        criterion=session.criterion.describe(), code=args.code or "checkout",
+        layerscan_package=str(Path(sys.modules["layerscan"].__file__).parent),
         peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         bf16_seconds_per_image=bf16, fp8_all_seconds_per_image=fp8_all,
         fp8_all_speedup=(bf16 / fp8_all) if bf16 and fp8_all else None,
