@@ -88,7 +88,7 @@ def write_section(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--strategies", default="greedy,auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runs" / "batch_workers.json")
     args = parser.parse_args()

@@ -20,14 +20,14 @@ import sys
 import threading
 from pathlib import Path
 
-from layerscan.errors import UserError
 from layerscan.evaluate import TrialRecord
 
 PROTOCOL = 1
 
 
 class EvaluationPool:
-    """Helper processes for one run, started at the first batch (the baseline is cached by then)."""
+    """Helper processes for one run, started once the run's baseline is cached (``start``): they
+    load while the run measures its attribution, and join the first batch when ready."""
 
     def __init__(self, slots, log_root: Path, flags: list[str], study_values: dict) -> None:
         self.slots = slots  # layerscan.workers.Slot, one per helper
@@ -36,22 +36,22 @@ class EvaluationPool:
         self.study_values = study_values
         self.helpers: list[_Helper] = []
         self.started = False
+        self.eval_key = ""
 
-    def _start(self, eval_key: str) -> None:
-        self.started = True
+    def start(self, eval_key: str) -> None:
+        """Start the helpers without waiting for them (each is waited for by its feeder)."""
+        self.started, self.eval_key = True, eval_key
         self.log_root.mkdir(parents=True, exist_ok=True)
         spec = self.log_root / "study.json"
         spec.write_text(json.dumps(self.study_values))
         for slot in self.slots:
-            self.helpers.append(_Helper(slot, spec, self.log_root, self.flags))
-        for helper in self.helpers:
-            helper.wait_ready(eval_key)
+            self.helpers.append(_Helper(slot, spec, self.log_root, self.flags, eval_key))
 
     def evaluate(self, ledger, batch: list) -> None:
         """Evaluate ``batch`` [(config, early_stop, stopped record or None)] here and on the
         helpers; every record goes to ``ledger.take``."""
         if not self.started:
-            self._start(ledger.session.eval_key)
+            self.start(ledger.session.eval_key)
         pending = list(batch)
         lock = threading.Lock()
 
@@ -64,6 +64,12 @@ class EvaluationPool:
                 pending.append(item)
 
         def feed(helper: _Helper) -> None:
+            while not helper.loaded.wait(0.2):  # still loading: this process goes on meanwhile
+                with lock:
+                    if not pending:
+                        return
+            if not helper.is_ready:
+                return
             while helper.alive and (item := next_item()) is not None:
                 config, early_stop, stopped = item
                 record = helper.evaluate(config, early_stop, stopped)
@@ -90,7 +96,7 @@ class EvaluationPool:
 
 
 class _Helper:
-    def __init__(self, slot, spec: Path, log_root: Path, flags: list[str]) -> None:
+    def __init__(self, slot, spec: Path, log_root: Path, flags: list[str], eval_key: str) -> None:
         self.label = slot.label
         self.log = log_root / f"{slot.label}.log"
         cmd = [sys.executable, "-m", "layerscan.cli", "serve", "--spec", str(spec),
@@ -102,6 +108,9 @@ class _Helper:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=log, text=True, env=env)
         self.alive = True
+        self.is_ready = False
+        self.loaded = threading.Event()  # set once the helper said hello (or failed to)
+        threading.Thread(target=self._await_hello, args=(eval_key,), daemon=True).start()
 
     def _read(self) -> dict | None:
         line = self.proc.stdout.readline()
@@ -110,15 +119,22 @@ class _Helper:
             return None
         return json.loads(line)
 
-    def wait_ready(self, eval_key: str) -> None:
-        hello = self._read()
-        if hello is None:
-            print(f"helper {self.label} did not start; see {self.log}", file=sys.stderr)
-            return
-        if hello.get("protocol") != PROTOCOL or hello.get("eval_key") != eval_key:
-            self.stop(interrupted=True)
-            raise UserError(f"helper {self.label} loaded other evaluation settings than this run "
-                            f"(see {self.log})")
+    def _await_hello(self, eval_key: str) -> None:
+        """The helper's first line: it has loaded the pipeline and the baseline for this run."""
+        try:
+            hello = self._read()
+            if hello is None:
+                print(f"helper {self.label} did not start; see {self.log}", file=sys.stderr)
+            elif hello.get("protocol") != PROTOCOL or hello.get("eval_key") != eval_key:
+                print(f"helper {self.label} loaded other evaluation settings than this run; it "
+                      f"is left out (see {self.log})", file=sys.stderr)
+                self.stop(interrupted=True)
+            else:
+                self.is_ready = True
+        except (OSError, ValueError):
+            self.alive = False
+        finally:
+            self.loaded.set()
 
     def evaluate(self, config, early_stop: bool, stopped: TrialRecord | None) -> TrialRecord | None:
         try:

@@ -108,6 +108,7 @@ def run_study(session: Session, out_dir: Path, strategy: str | None = None, pool
     chosen = make_strategy(strategy_name, ctx, ledger.records())
     if pool is not None and not chosen.shares_study:  # its batches spread over the workers
         ledger.pool = pool
+        pool.start(session.eval_key)  # they load while the attribution is measured
     if chosen.needs_proxies:  # declared need: built here, from the pipeline the strategy never sees
         from layerscan.proxy.scores import Proxies
 

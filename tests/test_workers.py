@@ -398,6 +398,42 @@ def test_a_batch_strategy_on_two_workers_gives_the_one_worker_answer(planted_dir
     complete = [config_key(r["config"]) for r in records if r["status"] != "stopped"]
     assert len(complete) == len(set(complete))  # nobody evaluated a configuration twice
     assert set(evaluated) == set(_configs(tmp_path / "one" / "trials.jsonl"))
-    if strategy == "greedy":  # its six groups alone are one batch: the helper took some
-        log = (tmp_path / "two" / "workers" / "w1.log").read_text()
-        assert log.count("evaluated [") >= 2
+
+
+def test_a_helper_evaluates_a_batch_exactly_as_this_process_would(planted_dir, two_prompts, tmp_path):
+    """The pool on a real helper process, waited for until it has loaded: it takes part of the
+    batch, and every record it returns has the scores this process computes for the same
+    configuration (CPU arithmetic is deterministic), judged and stored by this run's ledger."""
+    from layerscan.batch import EvaluationPool
+    from layerscan.search.ledger import TrialLedger
+    from layerscan.session import open_session
+    from layerscan.workers import plan_slots, study_values
+
+    values = load_study("tiny-qwen-image")
+    values.update(model=str(planted_dir), prompts=str(two_prompts), criterion_metric="psnr",
+                  criterion_mean=37.0, criterion_worst=35.0)
+    session = open_session(build_study(values), "cpu")
+    ledger = TrialLedger(session, tmp_path / "run", "greedy")
+    pool = EvaluationPool(plan_slots(None, 2, "cpu")[1:], tmp_path / "run" / "workers", [],
+                          dict(study_values(session.study), strategy="greedy"))
+    pool.start(session.eval_key)
+    assert pool.helpers[0].loaded.wait(300) and pool.helpers[0].is_ready
+    ledger.pool = pool
+    batch = [("img_mlp",), ("to_out",), ("txt_mlp",), ("to_qkv",), ("add_kv_proj",), ("to_add_out",)]
+    try:
+        records = ledger.evaluate_many([(config, False) for config in batch])
+    finally:
+        pool.close()
+    log = (tmp_path / "run" / "workers" / "w1.log").read_text()
+    by_helper = [json.loads(line.split("evaluated ", 1)[1].rsplit(":", 1)[0])
+                 for line in log.splitlines() if line.startswith("evaluated [")]
+    assert by_helper and len(by_helper) < len(batch)  # shared: some there, some here
+    assert [r.config for r in records] == batch and ledger.new_evaluations == len(batch)
+    assert [r.config for r in ledger.store.records()] and all(r.passes is not None for r in records)
+    for config in by_helper:  # the helper's record equals this process's own evaluation
+        mine = ledger.evaluate(tuple(config))  # known: answered from the ledger
+        from layerscan.evaluate import evaluate
+
+        here = evaluate(session.engine, tuple(config), session.spec, session.baseline,
+                        session.scorer, session.criterion)
+        assert here.per_prompt == mine.per_prompt and here.passes == mine.passes
