@@ -71,7 +71,14 @@ def render(data: dict) -> str:
         f"Qwen-Image with img_mlp planted, {data['images']} images per evaluation at "
         f"{data['steps']} steps, the DiT's six families, baseline cached, one torch thread per "
         "worker. Speed-up is one worker's wall time over this run's (whole command).", "",
-        *rows, ""])
+        *rows, "",
+        "What parallelises is a batch: greedy's six groups alone (the helper took 3 of them here); "
+        "FP8 everywhere before it, the add-then-minimise steps and the proof after it (answered "
+        "from the ledger here) run one at a time, and the helper's start-up (loading the pipeline "
+        "and the cached baseline) shares the two cores with the search. Auto finds the planted "
+        "answer in two evaluations that depend on each other, so a second worker only costs its "
+        "start-up. The 1.8x goal is not met on this workload: it would need batches that dominate "
+        "the run (more groups, or longer evaluations than a start-up).", ""])
 
 
 def write_section(text: str) -> None:
@@ -91,7 +98,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--strategies", default="greedy,auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runs" / "batch_workers.json")
+    parser.add_argument("--render", action="store_true", help="only re-render RESULTS.md from --out")
     args = parser.parse_args()
+    if args.render:
+        write_section(render(json.loads(args.out.read_text())))
+        return
     work = Path(tempfile.mkdtemp(prefix="layerscan-bench-batch-"))
     args.cache = work / "cache"
     model = Path(subprocess.run([sys.executable, "-m", "layerscan.cli", "tiny", "tiny-qwen-image-outlier",
