@@ -72,7 +72,9 @@ def render(data: dict) -> str:
         f"{data['steps']} steps, the DiT's six families, baseline cached, one torch thread per "
         "worker. Speed-up is one worker's wall time over this run's (whole command).", "",
         *rows, "",
-        "What parallelises is a batch: greedy's six groups alone (the helper took 3 of them here); "
+        "What parallelises is a batch: greedy's six groups alone (the helper took "
+        f"{next((r['by_helper'] for r in data['runs'] if r['strategy'] == 'greedy' and r['workers'] == 2), 0)} "
+        "of them here); "
         "FP8 everywhere before it, the add-then-minimise steps and the proof after it (answered "
         "from the ledger here) run one at a time, and the helper's start-up (loading the pipeline "
         "and the cached baseline) shares the two cores with the search. Auto finds the planted "
