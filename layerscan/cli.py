@@ -72,11 +72,12 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
                    help="continue without LPIPS when its backbone weights are not available")
 
 
-STUDY_FIELDS = ("model", "revision", "prompts", "seeds", "steps", "height", "width", "guidance",
-                "metrics", "lpips_net", "activation_scheme", "compile", "profile", "target", "components",
-                "layer_match", "name", "granularity", "text_encoder_granularity", "prefer",
-                "strategy", "refine", "max_trials", "timeout_s", "storage", "criterion_metric",
-                "criterion_mean", "criterion_worst")
+def _settings_given(args: argparse.Namespace) -> dict:
+    """The flags that set study settings and were given: every parsed option whose name is a
+    setting of the schema (``Study``'s fields and the criterion's), so no list repeats them."""
+    from layerscan.study import setting_names
+
+    return {k: v for k, v in vars(args).items() if k in setting_names() and v is not None}
 
 
 def _study(args: argparse.Namespace, **extra):
@@ -95,7 +96,7 @@ def _study(args: argparse.Namespace, **extra):
         values.pop("criterion_worst", None)
     if study_path and not args.study:
         print(f"using study {study_path}", file=sys.stderr)
-    flags = {k: getattr(args, k) for k in STUDY_FIELDS if getattr(args, k, None) is not None}
+    flags = _settings_given(args)
     values.update(check_settings(flags, as_flags=True))  # a bad flag is named as typed
     values.update({k: v for k, v in extra.items() if v is not None})
     return build_study(values)

@@ -272,6 +272,11 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: 
                dict: "a table of keyword arguments"}
 
 
+def setting_names() -> set[str]:
+    """Every setting a study file or a flag may give: ``Study``'s fields and the criterion's."""
+    return (set(typing.get_type_hints(Study)) - {"criterion"}) | set(_CRITERION_TYPES)
+
+
 def choices(name: str) -> list[str]:
     """The values a choice field of ``Study`` takes, from its annotation (the CLI's choices)."""
     hint = typing.get_type_hints(Study)[name]
