@@ -8,8 +8,7 @@ cached (a warm-up run builds it first).  Every worker runs torch on one thread
 (``OMP_NUM_THREADS=1``) so the comparison is of workers, not of threads.  Wall time is the whole
 command (model load, the search, the minimality proof, the report): the helper loads its own
 copy of the pipeline while this process starts searching, and that start-up is counted.
-The section "## Batch strategies on workers (CPU)" of benchmarks/RESULTS.md is rendered from
-the JSON (that section only is replaced).
+benchmarks/render_runs.py renders the JSON into RESULTS.md (block ``batch_workers``).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Batch strategies on workers (CPU)"
 PROMPTS = ["a red circle on a white background", "a blue square in the top left corner",
            "a green triangle in the middle", "two yellow stars on a black sky"]
 CRITERION = ["--criterion-metric", "psnr", "--criterion-mean", "37", "--criterion-worst", "35"]
@@ -55,56 +53,12 @@ def run_once(strategy: str, workers: int, args, model: Path, prompts: Path, out:
             "answer": rec["ignored_layers_patterns"], "final": rec["final"]}
 
 
-def render(data: dict) -> str:
-    rows = ["| strategy | workers | wall s | evaluations (by the helper) | evaluations / hour | "
-            "speed-up | answer |", "|---|---|---|---|---|---|---|"]
-    for strategy in data["strategies"]:
-        runs = [r for r in data["runs"] if r["strategy"] == strategy]
-        one = next(r for r in runs if r["workers"] == 1)
-        for r in runs:
-            rows.append(f"| {strategy} | {r['workers']} | {r['wall_s']:.1f} | {r['evaluations']} "
-                        f"({r['by_helper']}) | {r['evaluations_per_hour']:.0f} | "
-                        f"{one['wall_s'] / r['wall_s']:.2f}x | {', '.join(r['answer']) or 'none'} |")
-    return "\n".join([
-        SECTION, "",
-        f"`{data['command']}` on {data['machine']} ({data['cores']} cores), {data['date']}: the tiny "
-        f"Qwen-Image with img_mlp planted, {data['images']} images per evaluation at "
-        f"{data['steps']} steps, the DiT's six families, baseline cached, one torch thread per "
-        "worker. Speed-up is one worker's wall time over this run's (whole command).", "",
-        *rows, "",
-        "What parallelises is a batch: greedy's six groups alone (the helper took "
-        f"{next((r['by_helper'] for r in data['runs'] if r['strategy'] == 'greedy' and r['workers'] == 2), 0)} "
-        "of them here); "
-        "FP8 everywhere before it, the add-then-minimise steps and the proof after it (answered "
-        "from the ledger here) run one at a time, and the helper's start-up (loading the pipeline "
-        "and the cached baseline) shares the two cores with the search. Auto finds the planted "
-        "answer in two evaluations that depend on each other, so a second worker only costs its "
-        "start-up. The 1.8x goal is not met on this workload: it would need batches that dominate "
-        "the run (more groups, or longer evaluations than a start-up).", ""])
-
-
-def write_section(text: str) -> None:
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    doc = path.read_text()
-    if SECTION in doc:
-        start = doc.index(SECTION)
-        end = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + (doc[end + 1:] if end != -1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--strategies", default="greedy,auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runs" / "batch_workers.json")
-    parser.add_argument("--render", action="store_true", help="only re-render RESULTS.md from --out")
     args = parser.parse_args()
-    if args.render:
-        write_section(render(json.loads(args.out.read_text())))
-        return
     work = Path(tempfile.mkdtemp(prefix="layerscan-bench-batch-"))
     args.cache = work / "cache"
     model = Path(subprocess.run([sys.executable, "-m", "layerscan.cli", "tiny", "tiny-qwen-image-outlier",
@@ -123,8 +77,7 @@ def main() -> None:
             "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "steps": args.steps, "images": len(PROMPTS) * 2, "strategies": strategies, "runs": runs}
     args.out.write_text(json.dumps(data, indent=1) + "\n")
-    write_section(render(data))
-    print(render(data))
+    print(f"wrote {args.out}; render it into RESULTS.md with: python benchmarks/render_runs.py --write")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Render RESULTS.md's tables of whole runs from their raw JSON in benchmarks/results/runs/.
 
 Same contract as render_gpu.py (whose marker handling this reuses), for the files that
-bench_fullsize_run.py, bench_wan_step.py and bench_devices.py write: RESULTS.md holds the
+bench_fullsize_run.py, bench_wan_step.py, bench_devices.py and bench_batch_workers.py write: RESULTS.md holds the
 rendered text between ``<!-- render_runs:NAME -->`` and ``<!-- /render_runs:NAME -->`` lines, the
 prose around them is written by hand and must agree with them.
 
@@ -107,7 +107,26 @@ def render_devices(runs: dict) -> list[str]:
     return out
 
 
-BLOCKS = {"fullsize": render_fullsize, "wan_step": render_wan, "devices": render_devices}
+def render_batch_workers(runs: dict) -> list[str]:
+    """``bench_batch_workers.py``: each batch strategy on 1 and 2 CPU workers."""
+    data = runs["batch_workers.json"]
+    out = [f"Source: `results/runs/batch_workers.json` (`{data['command']}`, {data['machine']}, "
+           f"{data['cores']} cores, {data['date']}; {data['images']} images per evaluation at "
+           f"{data['steps']} steps).", "",
+           "| strategy | workers | wall s | evaluations (by the helper) | evaluations / hour | "
+           "speed-up | answer |", "|---|---|---|---|---|---|---|"]
+    for strategy in data["strategies"]:
+        runs_of = [r for r in data["runs"] if r["strategy"] == strategy]
+        one = next(r for r in runs_of if r["workers"] == 1)
+        for r in runs_of:
+            out.append(f"| {strategy} | {r['workers']} | {r['wall_s']:.1f} | {r['evaluations']} "
+                       f"({r['by_helper']}) | {r['evaluations_per_hour']:.0f} | "
+                       f"{one['wall_s'] / r['wall_s']:.2f}x | {', '.join(r['answer']) or 'none'} |")
+    return out
+
+
+BLOCKS = {"fullsize": render_fullsize, "wan_step": render_wan, "devices": render_devices,
+          "batch_workers": render_batch_workers}
 
 
 def render(runs_dir: Path = RUNS_DIR) -> dict[str, str]:
@@ -116,7 +135,7 @@ def render(runs_dir: Path = RUNS_DIR) -> dict[str, str]:
 
 
 def check(doc_path: Path = DOC, runs_dir: Path = RUNS_DIR) -> list[str]:
-    known = set(FULLSIZE) | set(DEVICES) | {"wan_step.json"}
+    known = set(FULLSIZE) | set(DEVICES) | {"wan_step.json", "batch_workers.json"}
     problems = [f"results/runs/{p.name} is not declared in render_runs"
                 for p in sorted(runs_dir.glob("*.json")) if p.name not in known]
     found, marker_problems = blocks_in(doc_path.read_text(), MARKER)
