@@ -107,6 +107,61 @@ def render_devices(runs: dict) -> list[str]:
     return out
 
 
+PLANTED = {"fullsize_planted_before.json": "before (d26011a)", "fullsize_planted_after.json": "after"}
+# studies/qwen-image.toml: 8 prompts x 3 seeds at 50 steps (the measured runs: 3 x 1 at 20).
+SHIPPED = {"outputs": 24, "steps": 50}
+
+
+def render_planted(runs: dict) -> list[str]:
+    """``bench_fullsize_run.py --plant``: the same call, the code before and after, and the shipped
+    study's time projected from the after run's measured per-image costs."""
+    out = ["Source: " + ", ".join(f"`results/runs/{f}`" for f in PLANTED) + f" ({runs[next(iter(PLANTED))]['device']}).", "",
+           "| code | answer | wall s | build / baseline+floor / search / report s | images: baseline phase / after it | "
+           "floor variants not counted (bit-identical) | generation share after the baseline | residency |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, label in PLANTED.items():
+        d = runs[name]
+        p = d["phases_s"]
+        out.append(f"| {label} | {', '.join(d['answer'] or ['none'])} | {d['wall_s']:.1f} | {p['build']:.1f} / "
+                   f"{p['baseline_and_floor']:.1f} / {p['search']:.1f} / {p['report']:.1f} | "
+                   f"{d['baseline_phase_images']} / {d['search_phase_images']} | "
+                   f"{', '.join(d['floor']['identical_variants']) or 'none'} | "
+                   f"{100 * d['generation_share_after_baseline']:.0f} % | {d['residency']} |")
+    before, after = (runs[f] for f in PLANTED)
+    out += ["", f"After over before: **{after['wall_s'] / before['wall_s']:.2f}** of the wall time."]
+    # The projection: per-output seconds scale with steps; overheads (compilation, switching,
+    # proxies) are taken as measured, since they do not grow with steps or outputs.
+    a, p = after, after["phases_s"]
+    scale = SHIPPED["steps"] / a["steps"]
+    bf16 = a["bf16_seconds_per_image"] * scale
+    kept = next(e for e in a["evaluations"] if e["config"] == a["answer"])["seconds_per_image"] * scale
+    per_fp8_all = next(e for e in a["evaluations"] if e["config"] == [])["seconds_per_image"] * scale
+    n = SHIPPED["outputs"]
+    floor_outputs = n + (1 if a["floor"]["identical_variants"] else n)
+    baseline_overhead = p["baseline_and_floor"] - a["baseline_phase_generation_s"]
+    search_generation = sum(e["images"] * e["seconds_per_image"] for e in a["evaluations"] if e["config"] is not None)
+    search_overhead = max(0.0, p["search"] - search_generation)
+    report_images = a["report_generated_images"]
+    rows = [("build (random weights from configs)", p["build"]),
+            (f"BF16 baseline: {n} outputs x {bf16:.2f} s", n * bf16),
+            (f"floor: {floor_outputs} outputs x {bf16:.2f} s (latents+1ulp all, attention-math one: bit-identical)",
+             floor_outputs * bf16),
+            ("baseline-phase overhead as measured (compilation, trajectory capture)", baseline_overhead),
+            (f"FP8 everywhere, stopped after 1 output x {per_fp8_all:.2f} s (its one measured output "
+             "includes compilation, scaled with the rest: an overestimate)", per_fp8_all),
+            (f"the answer in full: {n} outputs x {kept:.2f} s", n * kept),
+            ("search overhead as measured (compilation, requantizing, proxies)", search_overhead),
+            (f"report: {report_images} grid outputs of FP8 everywhere x {per_fp8_all:.2f} s, plus the rest",
+             report_images * per_fp8_all + max(0.0, p["report"] - report_images * a["fp8_all_seconds_per_image"]))]
+    total = sum(s for _, s in rows)
+    out += ["", f"Projection for `studies/qwen-image.toml` ({n} outputs at {SHIPPED['steps']} steps, "
+            f"auto, the planted answer), from the after run: seconds per output x {scale:.1f} "
+            "for the steps, overheads as measured.", "", "| part | s |", "|---|---|"]
+    out += [f"| {label} | {seconds:.0f} |" for label, seconds in rows]
+    out.append(f"| **total** | **{total:.0f} ({total / 60:.1f} min)** |")
+    return out
+
+
 def render_batch_workers(runs: dict) -> list[str]:
     """``bench_batch_workers.py``: each batch strategy on 1 and 2 CPU workers."""
     data = runs["batch_workers.json"]
@@ -126,7 +181,7 @@ def render_batch_workers(runs: dict) -> list[str]:
 
 
 BLOCKS = {"fullsize": render_fullsize, "wan_step": render_wan, "devices": render_devices,
-          "batch_workers": render_batch_workers}
+          "batch_workers": render_batch_workers, "planted": render_planted}
 
 
 def render(runs_dir: Path = RUNS_DIR) -> dict[str, str]:
@@ -135,7 +190,7 @@ def render(runs_dir: Path = RUNS_DIR) -> dict[str, str]:
 
 
 def check(doc_path: Path = DOC, runs_dir: Path = RUNS_DIR) -> list[str]:
-    known = set(FULLSIZE) | set(DEVICES) | {"wan_step.json", "batch_workers.json"}
+    known = set(FULLSIZE) | set(DEVICES) | set(PLANTED) | {"wan_step.json", "batch_workers.json"}
     problems = [f"results/runs/{p.name} is not declared in render_runs"
                 for p in sorted(runs_dir.glob("*.json")) if p.name not in known]
     found, marker_problems = blocks_in(doc_path.read_text(), MARKER)
