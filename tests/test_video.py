@@ -184,6 +184,9 @@ def test_greedy_keeps_the_planted_experts_ffn_and_nothing_of_the_other(greedy):
     # Each group alone in BF16: only the planted one passes (besides keeping its expert whole).
     assert {p for p, r in singles.items() if r.passes} == {"transformer_2:", "transformer_2:ffn"}
     assert outcome.attribution == {"transformer": ("transformer_2:",), "transformer_2": ("transformer:",)}
+    # The kept group is proven necessary: returned to FP8, that is FP8 everywhere, which fails.
+    assert outcome.minimality.config == ("transformer_2:ffn",) and outcome.minimality.complete
+    assert outcome.minimality.necessary == {"transformer_2:ffn": ()}
 
 
 def test_auto_finds_it_from_the_command_line_with_frame_strips(planted, prompts, tmp_path, capsys):
@@ -191,7 +194,8 @@ def test_auto_finds_it_from_the_command_line_with_frame_strips(planted, prompts,
     assert main(["run", "--model", PLANTED, "--prompts", str(prompts), "--out", str(out),
                  "--strategy", "auto"]) == 0
     rec = json.loads((out / "recommendation.json").read_text())
-    assert rec["ignored_layers_patterns"] == ["transformer_2:ffn"]
+    assert rec["ignored_layers_patterns"] == ["transformer_2:ffn"] and rec["final"] is True
+    assert rec["minimality"]["necessary"] == {"transformer_2:ffn": []}
     _assert_low_noise_ffn_only(rec["quantization_config"])
     assert rec["quantization_config_flat"] is None  # one flat list would reach both experts
     # FP8 everywhere, each expert alone in FP8, then the proxies' first choice: it passes.
