@@ -10,7 +10,8 @@ the trial of a worker that died are in ``layerscan.search.optuna_search``.
 ``--gpus 0,1`` (or ``--workers N`` on CPU) starts one worker per GPU on this host: under
 ``layerscan run`` the process itself works on the first and starts ``layerscan worker``
 processes for the others, each with ``CUDA_VISIBLE_DEVICES`` set, waits for them, then writes
-the report from the whole study.
+the report from the whole study.  (The other strategies spread their batches over the same
+slots through ``layerscan.batch``; ``pool_for_run`` picks which.)
 
 The BF16 baseline is built once per cache directory: concurrent processes take a file lock next
 to the cache entry, so the second waits and then loads what the first wrote.  Hosts that do not
