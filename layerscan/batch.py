@@ -36,11 +36,10 @@ class EvaluationPool:
         self.study_values = study_values
         self.helpers: list[_Helper] = []
         self.started = False
-        self.eval_key = ""
 
     def start(self, eval_key: str) -> None:
         """Start the helpers without waiting for them (each is waited for by its feeder)."""
-        self.started, self.eval_key = True, eval_key
+        self.started = True
         self.log_root.mkdir(parents=True, exist_ok=True)
         spec = self.log_root / "study.json"
         spec.write_text(json.dumps(self.study_values))
@@ -83,11 +82,11 @@ class EvaluationPool:
             thread.start()
         while (item := next_item()) is not None:  # this process works through the batch too
             config, early_stop, stopped = item
-            ledger._evaluate_here(config, early_stop, stopped)
+            ledger.evaluate_here(config, early_stop, stopped)
         for thread in threads:
             thread.join()
         while (item := next_item()) is not None:  # handed back by a helper that died late
-            ledger._evaluate_here(*item)
+            ledger.evaluate_here(*item)
 
     def close(self, interrupted: bool = False) -> None:
         for helper in self.helpers:
@@ -169,8 +168,7 @@ class _Helper:
 
 def serve(args) -> int:
     """``layerscan serve``: a helper of one run's evaluation pool (see the module docstring)."""
-    from layerscan.evaluate import evaluate, stop_when_failure_proven
-    from layerscan.search.ledger import TrialImages
+    from layerscan.search.ledger import TrialImages, evaluate_configuration
     from layerscan.session import open_session
     from layerscan.study import build_study
 
@@ -184,17 +182,13 @@ def serve(args) -> int:
     session = open_session(study, args.device, args.cache_dir, args.trust_remote_code,
                            args.allow_missing_lpips, warn=lambda m: print(m, file=sys.stderr))
     images = TrialImages(session.eval_key, session.cache_root)
-    total = len(session.spec.items())
     answers.write(json.dumps({"protocol": PROTOCOL, "eval_key": session.eval_key}) + "\n")
     answers.flush()
     for line in sys.stdin:
         request = json.loads(line)
         config = tuple(request["config"])
         resume = TrialRecord.from_dict(request["resume"]) if request["resume"] else None
-        record = evaluate(session.engine, config, session.spec, session.baseline, session.scorer,
-                          session.criterion, image_dir=images.directory(config),
-                          stop_rule=stop_when_failure_proven(session.criterion, total)
-                          if request["early_stop"] else None, resume=resume)
+        record = evaluate_configuration(session, images, config, request["early_stop"], resume)
         answers.write(json.dumps({"record": record.to_dict()}) + "\n")
         answers.flush()
         print(f"evaluated {json.dumps(list(config))}: {record.status}", file=sys.stderr, flush=True)

@@ -140,6 +140,16 @@ class TrialImages:
         save_png(image, directory / name)
 
 
+def evaluate_configuration(session, images: TrialImages, config: Ignored, early_stop: bool,
+                           resume: TrialRecord | None) -> TrialRecord:
+    """One evaluation of ``config`` on ``session``, its images kept in ``images``: what this run
+    does for itself and what a pool helper (``layerscan serve``) does for it."""
+    return evaluate(session.engine, config, session.spec, session.baseline, session.scorer,
+                    session.criterion, image_dir=images.directory(config),
+                    stop_rule=stop_when_failure_proven(session.criterion, len(session.spec.items()))
+                    if early_stop else None, resume=resume)
+
+
 class TrialLedger:
     """What a run knows, may still do, and concludes.
 
@@ -213,11 +223,18 @@ class TrialLedger:
         configs = {r.config for r in self.store.records()} | set(self._elsewhere)
         return len(configs - {None})
 
+    def room(self) -> int:
+        """New evaluations the trial budget still allows."""
+        return self.max_trials - self.fp8_on_record()
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
     def check_allowed(self) -> None:
         """Raise ``BudgetExhausted`` when no new evaluation may start."""
-        if self.fp8_on_record() >= self.max_trials:
+        if self.room() <= 0:
             raise BudgetExhausted("budget")
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        if self.past_deadline():
             raise BudgetExhausted("timeout")
 
     # --- evaluating -----------------------------------------------------------------------------
@@ -234,7 +251,7 @@ class TrialLedger:
         stopped = self._stopped(config)
         if stopped is None:
             self.check_allowed()
-        return self._evaluate_here(config, early_stop, stopped)
+        return self.evaluate_here(config, early_stop, stopped)
 
     def evaluate_many(self, requests: list[tuple[Iterable[str], bool]]) -> list[TrialRecord]:
         """Records for a batch of independent ``(patterns, early_stop)`` requests, in order.
@@ -251,7 +268,7 @@ class TrialLedger:
             if config is not None and self.known(config, early_stop) is None:
                 todo[config] = todo.get(config, True) and early_stop  # one asking in full wins
         allowed, exhausted = [], None
-        room = self.max_trials - self.fp8_on_record()
+        room = self.room()
         for config, early_stop in todo.items():
             stopped = self._stopped(config)
             if stopped is None:
@@ -260,13 +277,13 @@ class TrialLedger:
                     break
                 room -= 1
             allowed.append((config, early_stop, stopped))
-        if self.deadline is not None and time.monotonic() > self.deadline and allowed:
+        if allowed and self.past_deadline():
             allowed, exhausted = [], "timeout"
         if self.pool is not None and len(allowed) > 1:
             self.pool.evaluate(self, allowed)
         else:
             for config, early_stop, stopped in allowed:
-                self._evaluate_here(config, early_stop, stopped)
+                self.evaluate_here(config, early_stop, stopped)
         if exhausted:
             raise BudgetExhausted(exhausted)
         return [self.reference if c is None else self.known(c, early_stop) or self.store.get(c)
@@ -277,15 +294,11 @@ class TrialLedger:
         stopped = self.store.get(config)
         return stopped if stopped is not None and stopped.status == "stopped" else None
 
-    def _evaluate_here(self, config: Ignored, early_stop: bool, stopped: TrialRecord | None) -> TrialRecord:
+    def evaluate_here(self, config: Ignored, early_stop: bool, stopped: TrialRecord | None) -> TrialRecord:
+        """Evaluate ``config`` in this process, continuing ``stopped`` when given, and record it."""
         if self.on_start:
             self.on_start(config)
-        session = self.session
-        total = self.image_count
-        record = evaluate(session.engine, config, session.spec, session.baseline, session.scorer,
-                          self.criterion, image_dir=self.images.directory(config),
-                          stop_rule=stop_when_failure_proven(self.criterion, total)
-                          if early_stop else None, resume=stopped)
+        record = evaluate_configuration(self.session, self.images, config, early_stop, stopped)
         return self.take(record, continued=stopped is not None)
 
     def take(self, record: TrialRecord, continued: bool) -> TrialRecord:
