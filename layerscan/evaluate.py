@@ -18,7 +18,9 @@ import torch
 from layerscan.configs import Ignored, describe, normalize
 from layerscan.engine import Fp8Engine
 from layerscan.errors import NonFiniteOutput
-from layerscan.generate import Baseline, GenerationSpec, iter_images, save_png, typical_seconds
+from layerscan.generate import (
+    Baseline, GenerationSpec, compile_free_seconds, iter_images, save_png, typical_seconds,
+)
 from layerscan.metrics import METRICS, Scorer, summarize
 from layerscan.stats import bootstrap_ci, one_sided_bound
 from layerscan.study import Criterion
@@ -232,7 +234,7 @@ def evaluate(
     # Images that compiled a graph are left out: their seconds are compilation, not FP8.
     # Images that compiled a graph are left out of both: their seconds are compilation.
     record.image_seconds = (list(resume.image_seconds) if resume is not None else []) + \
-        [s for s, compiled in seconds if not compiled]
+        compile_free_seconds(seconds)
     if record.image_seconds:
         record.seconds_per_image = float(np.median(record.image_seconds))
     else:  # every image compiled something: the best there is

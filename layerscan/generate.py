@@ -139,16 +139,15 @@ def iter_images(
         yield index, image, time.perf_counter() - began, _graphs_compiled() != graphs
 
 
-def steady_seconds(timings: list[tuple[float, bool]]) -> list[float]:
-    """The seconds of the images that compiled nothing (all of them, if every one did)."""
-    steady = [seconds for seconds, compiled in timings if not compiled]
-    return steady or [seconds for seconds, _ in timings]
+def compile_free_seconds(timings: list[tuple[float, bool]]) -> list[float]:
+    """The seconds of the images that compiled nothing: what serving the configuration costs."""
+    return [seconds for seconds, compiled in timings if not compiled]
 
 
 def typical_seconds(timings: list[tuple[float, bool]]) -> float | None:
     """Median seconds per image over the images that compiled nothing (all, if every one did):
     what an image costs once the configuration's graphs exist, as users running it would see."""
-    chosen = steady_seconds(timings)
+    chosen = compile_free_seconds(timings) or [seconds for seconds, _ in timings]
     return float(np.median(chosen)) if chosen else None
 
 
@@ -364,23 +363,28 @@ def _generate_set(loaded: LoadedPipeline, spec: GenerationSpec, progress: _Progr
     device = loaded.device
 
     resumed = [i for i, name in enumerate(names) if name in progress.done]
+    made: dict[int, np.ndarray] = {}  # generated now: kept, not read back from their PNGs
 
     def make(indices: set[int]) -> None:
         for index, image, elapsed, compiled in iter_images(loaded, spec, only=indices):
             peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
             progress.add(names[index], image, elapsed, compiled, peak)
+            made[index] = image
             if on_image:
                 on_image(index, elapsed)
 
+    def output(index: int) -> np.ndarray:
+        return made[index] if index in made else load_png(progress.directory / names[index])
+
     make({0} - set(resumed))
-    if reference is not None and np.array_equal(load_png(progress.directory / names[0]), reference[0]):
+    if reference is not None and np.array_equal(output(0), reference[0]):
         names = names[:1]
-    make(set(range(len(names))) - {i for i, name in enumerate(names) if name in progress.done})
+    make(set(range(len(names))) - set(resumed) - set(made))
     for index in resumed:
         if on_image and index < len(names):
             on_image(index, progress.done[names[index]]["seconds"])
     entries = [progress.done[name] for name in names]
-    images = [load_png(progress.directory / name) for name in names]
+    images = [output(i) for i in range(len(names))]
     files = [(e["name"], e["sha256"]) for e in entries]
     return images, files, entries
 
@@ -432,7 +436,7 @@ def load_or_build_baseline(
     timings = [(e["seconds"], e["compiled"]) for e in entries]
     manifest = dict(key=key, model=loaded.model, spec=asdict(spec), files=files,
                     floor=floor_files, seconds_per_image=typical_seconds(timings),
-                    image_seconds=[s for s, compiled in timings if not compiled],
+                    image_seconds=compile_free_seconds(timings),
                     peak_memory_bytes=max(peaks) if peaks else None, created_at=created)
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
     (partial / "progress.jsonl").unlink()
