@@ -77,7 +77,8 @@ def _settings_given(args: argparse.Namespace) -> dict:
     setting of the schema (``Study``'s fields and the criterion's), so no list repeats them."""
     from layerscan.study import setting_names
 
-    return {k: v for k, v in vars(args).items() if k in setting_names() and v is not None}
+    names = setting_names()
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
 def _study(args: argparse.Namespace, **extra):

@@ -7,6 +7,7 @@ README, the TOML files and the code cannot disagree about them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import tomllib
@@ -265,6 +266,7 @@ def load_study(path: str | Path) -> dict:
 # Where a study file's section puts its keys; the flat names are Study's fields (criterion_*:
 # Criterion's), and every error names the key as written in the file.
 _CRITERION_TYPES = {"criterion_metric": str, "criterion_mean": float | str, "criterion_worst": float | str}
+_FLAG_NAMES = {"timeout_s": "--timeout"}  # the flags not spelled like their field
 # Settings that must be above zero, or at least zero, once their type is right.
 _POSITIVE = ("steps", "height", "width", "max_trials", "timeout_s")
 _NON_NEGATIVE = ("guidance",)
@@ -272,14 +274,27 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: 
                dict: "a table of keyword arguments"}
 
 
+@functools.cache
+def _schema() -> dict:
+    """Every setting's declared type: ``Study``'s annotations and the criterion's (resolved once)."""
+    return typing.get_type_hints(Study) | _CRITERION_TYPES
+
+
 def setting_names() -> set[str]:
     """Every setting a study file or a flag may give: ``Study``'s fields and the criterion's."""
-    return (set(typing.get_type_hints(Study)) - {"criterion"}) | set(_CRITERION_TYPES)
+    return set(_schema()) - {"criterion"}
+
+
+def _shown(key: str, as_flags: bool) -> str:
+    """A setting as the user wrote it: ``--timeout`` as a flag, ``criterion.mean`` in a file."""
+    if as_flags:
+        return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+    return key.replace("criterion_", "criterion.", 1)
 
 
 def choices(name: str) -> list[str]:
     """The values a choice field of ``Study`` takes, from its annotation (the CLI's choices)."""
-    hint = typing.get_type_hints(Study)[name]
+    hint = _schema()[name]
     for option in (hint, *typing.get_args(hint)):
         if typing.get_origin(option) is Literal:
             return list(typing.get_args(option))
@@ -334,23 +349,18 @@ def _conform(hint, value):
     raise ValueError
 
 
-_FLAG_NAMES = {"timeout_s": "--timeout"}  # the flags not spelled like their field
-
 
 def check_settings(values: dict, as_flags: bool = False) -> dict:
     """Every setting's type and range, before anything loads: one line naming the key (or with
     ``as_flags`` the flag), the value and what is accepted.  The types are ``Study``'s field
     annotations, so a new field is checked the moment it is declared."""
     def setting(key: str, value) -> str:
-        if as_flags:
-            return f"{_FLAG_NAMES.get(key, '--' + key.replace('_', '-'))} {value}"
-        return f"setting {key.replace('criterion_', 'criterion.', 1)} = {value!r}"
+        return f"{_shown(key, as_flags)} {value}" if as_flags else f"setting {_shown(key, False)} = {value!r}"
 
-    hints = typing.get_type_hints(Study) | _CRITERION_TYPES
+    hints = _schema()
     unknown = set(values) - set(hints)
     if unknown:
-        names = sorted(_FLAG_NAMES.get(k, "--" + k.replace("_", "-")) if as_flags
-                       else k.replace("criterion_", "criterion.", 1) for k in unknown)
+        names = sorted(_shown(k, as_flags) for k in unknown)
         raise UserError(f"unknown study field(s): {', '.join(names)}")
     checked = {}
     for key, value in values.items():
