@@ -116,13 +116,14 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     grid = _images(session, outcome, out_dir, fp8_all, rec)
     cost = _cost(outcome)
     ci_entry = quality_test_entry(session, rec, outcome.final)
+    ci_entry["python"] = render_entry(ci_entry)
+    speedup = speedup_over_bf16(bf16, rec)
     write_recommendation(out_dir / "recommendation.json", study.model, rec, bf16, loaded, {
         "final": outcome.final, "stop_reason": outcome.stop_reason,
         "not_final_because": outcome.why_not_final,
         "minimality": outcome.minimality.as_dict() if outcome.minimality else None,
         "prefer": ledger.prefer, "preference_note": ledger.preference_note,
-        "speedup_vs_bf16": speedup_over_bf16(bf16, rec),
-        "ci_entry": {**ci_entry, "python": render_entry(ci_entry)},
+        "speedup_vs_bf16": speedup, "ci_entry": ci_entry,
         "criterion": crit.describe(),
         "noise_floor": session.floor.as_dict() if session.floor else None,
         "attribution": {c: _summary(ledger.recorded(config)) for c, config in outcome.attribution.items()},
@@ -142,7 +143,8 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     if pareto_chart(outcome.records, outcome.pareto, rec, crit, out_dir / "pareto.png"):
         charts.append(("Quality vs BF16-kept weights", "pareto.png"))
 
-    text = _markdown(session, outcome, display, header + row_line + "\n", fp8_all, charts, grid, ci_entry)
+    text = _markdown(session, outcome, display, header + row_line + "\n", fp8_all, charts, grid,
+                     ci_entry, speedup)
     path = out_dir / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
@@ -383,7 +385,7 @@ def _check_line(check: dict | None) -> str:
     return check["line"]
 
 
-def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_entry) -> str:
+def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_entry, speedup) -> str:
     study, loaded, crit = session.study, session.loaded, session.criterion
     rec, ledger = outcome.recommended, outcome.ledger
     bf16 = ledger.reference
@@ -434,7 +436,6 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
         ledger = outcome.ledger
         out += [f"Chosen for {ledger.prefer} among the passing configurations"
                 + (f" ({ledger.preference_note})." if ledger.preference_note else ".")]
-        speedup = speedup_over_bf16(bf16, rec)
         if speedup:
             low, high = speedup["ci95"]
             out += [f"Speed-up over BF16: {speedup['median_ratio']:.2f}x [95 % CI {low:.2f}, {high:.2f}] "
@@ -481,7 +482,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
             f"[`{UPSTREAM['path']}`](https://github.com/{UPSTREAM['repository']}/blob/{UPSTREAM['commit']}/"
             f"{UPSTREAM['path']}), form read at commit `{UPSTREAM['commit'][:12]}`; `layerscan table "
             "--ci-entries` merges reports from several GPUs into per-GPU thresholds):", "",
-            "```python", render_entry(ci_entry), "```", ""]
+            "```python", ci_entry["python"], "```", ""]
     if session.floor and session.floor.variants:
         out += ["## Noise floor", "",
                 "BF16 against the BF16 baseline under numerically equivalent changes, same prompts "

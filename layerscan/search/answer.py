@@ -52,14 +52,15 @@ def recommend(records: Iterable[TrialRecord], criterion: Criterion, prefer: str 
         return criterion.loss(r.mean[criterion.metric])
 
     passing = _passing(records)
+    if prefer == "quality":
+        return min(passing, key=lambda r: (loss(r), r.bf16_kept_bytes, _seconds(r), len(r.config)),
+                   default=None)
     if prefer == "speed" and passing:
-        # As fast as the fastest, within timing noise; among those, the fewest BF16 bytes.
+        # As fast as the fastest, within timing noise; among those, as for memory.
         fastest = min(_seconds(r) for r in passing)
         passing = [r for r in passing if _seconds(r) <= fastest * (1 + SPEED_TIE)]
-    keys = {"memory": lambda r: (r.bf16_kept_bytes, loss(r), _seconds(r), len(r.config)),
-            "speed": lambda r: (r.bf16_kept_bytes, loss(r), _seconds(r), len(r.config)),
-            "quality": lambda r: (loss(r), r.bf16_kept_bytes, _seconds(r), len(r.config))}
-    return min(passing, key=keys[prefer], default=None)
+    return min(passing, key=lambda r: (r.bf16_kept_bytes, loss(r), _seconds(r), len(r.config)),
+               default=None)
 
 
 def pareto_front(records: Iterable[TrialRecord], criterion: Criterion, with_speed: bool = False) -> list[TrialRecord]:
