@@ -85,10 +85,36 @@ def judge(record: TrialRecord, criterion: Criterion) -> TrialRecord:
     if record.status != "complete" or metric not in record.mean:
         record.passes = False
         return record
-    values = [p[metric] for p in record.per_prompt] or [record.mean[metric]]
-    bound = one_sided_bound(values, criterion.lower_is_better)
-    record.passes = bool(criterion.passes(bound, record.worst[metric]))
+    if not record.per_prompt:  # a summary without its images' scores: judged as one setting
+        record.passes = bool(criterion.passes(record.mean[metric], record.worst[metric]))
+        return record
+    record.passes = all(verdict["passes"] for verdict in setting_verdicts(record, criterion))
     return record
+
+
+def setting_verdicts(record: TrialRecord, criterion: Criterion,
+                     names: list[str] | None = None) -> list[dict]:
+    """The pass rule under each setting of a matrix (one entry without one): the setting's name
+    (from ``names``), the mean, its pessimistic bound, the worst output and whether it passes."""
+    metric, verdicts = criterion.metric, []
+    values = [p.get(metric, math.nan) for p in record.per_prompt]
+    for number, part in enumerate(criterion.slices(len(values))):
+        chosen = [values[i] for i in part]
+        worst = max(chosen) if criterion.lower_is_better else min(chosen)
+        bound = one_sided_bound(chosen, criterion.lower_is_better)
+        verdicts.append(dict(setting=names[number] if names else "", mean=float(np.mean(chosen)),
+                             bound=bound, worst=worst, outputs=len(chosen),
+                             passes=bool(criterion.passes(bound, worst))))
+    return verdicts
+
+
+def worst_setting(record: TrialRecord, criterion: Criterion, names: list[str]) -> str | None:
+    """The setting under which ``record`` does worst: a failing one before a passing one, then
+    the largest loss of the mean.  None without a matrix or without scores."""
+    if len(names) < 2 or not record.per_prompt or criterion.metric not in record.per_prompt[0]:
+        return None
+    verdicts = setting_verdicts(record, criterion, names)
+    return max(verdicts, key=lambda v: (not v["passes"], criterion.loss(v["mean"])))["setting"]
 
 
 def summarize_record(record: TrialRecord) -> None:
@@ -136,10 +162,15 @@ def failure_proven(per_prompt: list[dict[str, float]], total: int, criterion: Cr
     best = METRICS[criterion.metric].best  # what a prompt not yet generated could still reach
     if len(values) >= total:
         return False
-    bound = (math.fsum(values) + (total - len(values)) * best) / total
     limit = criterion.mean_limit
     margin = 1e-9 * max(1.0, abs(limit))  # never stop on a rounding-level difference
-    return bound > limit + margin if criterion.lower_is_better else bound < limit - margin
+    size = criterion.per_setting or total
+    for start in range(0, len(values), size):  # each setting of a matrix must pass on its own
+        chosen, outputs = values[start:start + size], min(size, total - start)
+        bound = (math.fsum(chosen) + (outputs - len(chosen)) * best) / outputs
+        if bound > limit + margin if criterion.lower_is_better else bound < limit - margin:
+            return True
+    return False
 
 
 def stop_when_failure_proven(criterion: Criterion, total: int) -> StopRule:

@@ -40,14 +40,27 @@ def _worse(metric: str, values: list[float]) -> float:
 
 
 def measure_floor(scorer: Scorer, baseline, prompts: list[str]) -> NoiseFloor:
-    """Score every variant of ``baseline`` against the baseline itself."""
+    """Score every variant of ``baseline`` against the baseline itself.
+
+    A settings matrix's baseline is scored setting by setting (``baseline.parts``): a variant
+    counts the settings where it changed something, and is identical only where it changed
+    nothing under any setting.
+    """
+    parts = baseline.parts or [baseline]
+    starts = np.cumsum([0] + [len(part.images) for part in parts])
     variants, identical = {}, []
-    for name, images in baseline.floor_images.items():
-        per_prompt = [scorer.score_output(image, reference, prompt)
-                      for image, reference, prompt in zip(images, baseline.images, prompts)]
+    for name in parts[0].floor_images:
+        changed, unchanged = [], []
+        for part, start in zip(parts, starts):
+            images = part.floor_images[name]
+            scores = [scorer.score_output(image, reference, prompt) for image, reference, prompt
+                      in zip(images, part.images, prompts[start:start + len(part.images)])]
+            same = all(np.array_equal(a, b) for a, b in zip(images, part.images))
+            (unchanged if same else changed).extend(scores)
+        per_prompt = changed or unchanged
         summary = summarize(per_prompt)
         variants[name] = {"mean": summary.mean, "worst": summary.worst, "per_prompt": per_prompt}
-        if all(np.array_equal(a, b) for a, b in zip(images, baseline.images)):
+        if not changed:
             identical.append(name)
     counted = [v for name, v in variants.items() if name not in identical] or list(variants.values())
     metrics = list(scorer.metrics)

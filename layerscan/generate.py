@@ -13,6 +13,7 @@ one PNG strip, its frames side by side), nothing is pickled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import fcntl
 import hashlib
@@ -38,8 +39,28 @@ BASELINE_FORMAT = 2  # 2: noise-floor variants, peak memory and median time
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One generation setting of a matrix: a name and the call arguments it changes."""
+
+    name: str
+    steps: int
+    height: int
+    width: int
+    guidance: float
+    image: str | None = None
+    extra: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationSpec:
-    """Everything besides the model and the FP8 configuration that decides the pixels."""
+    """Everything besides the model and the FP8 configuration that decides the pixels.
+
+    ``settings``: a matrix of generation settings (resolutions, frame counts, steps...).  Every
+    prompt and seed is generated under each setting, one setting after another in the order
+    given (the study puts the cheapest first, so early stopping tries it first); the spec's own
+    steps, size, guidance, image and extra are then unused.  Without settings the spec is one
+    setting, and everything is as it always was (its cache keys included).
+    """
 
     prompts: tuple[str, ...]
     seeds: tuple[int, ...] = (0,)
@@ -49,15 +70,41 @@ class GenerationSpec:
     guidance: float = 4.0
     image: str | None = None  # input image for editing pipelines (Qwen-Image-Edit)
     extra: tuple[tuple[str, object], ...] = ()  # further pipeline arguments, e.g. num_frames
+    settings: tuple[Setting, ...] = ()
+
+    def parts(self) -> list["GenerationSpec"]:
+        """One spec per setting (itself when it has no matrix), each without a matrix."""
+        if not self.settings:
+            return [self]
+        return [dataclasses.replace(self, steps=s.steps, height=s.height, width=s.width,
+                                    guidance=s.guidance, image=s.image, extra=s.extra, settings=())
+                for s in self.settings]
+
+    @property
+    def per_setting(self) -> int:
+        """Outputs under each setting: every prompt with every seed."""
+        return len(self.prompts) * len(self.seeds)
+
+    def setting_names(self) -> list[str]:
+        return [s.name for s in self.settings] or [""]
+
+    def part_of(self, index: int) -> tuple[int, "GenerationSpec", int]:
+        """(setting number, that setting's spec, index within it) of output ``index``."""
+        setting, local = divmod(index, self.per_setting)
+        return setting, self.parts()[setting], local
 
     def items(self) -> list[tuple[int, str, int]]:
-        """(index, prompt, seed) for every image, in the fixed order all results use."""
-        return [(i * len(self.seeds) + j, p, s)
+        """(index, prompt, seed) for every output, in the fixed order all results use: setting
+        by setting, within one prompt by prompt, within one seed by seed."""
+        return [(k * self.per_setting + i * len(self.seeds) + j, p, s)
+                for k in range(len(self.settings) or 1)
                 for i, p in enumerate(self.prompts) for j, s in enumerate(self.seeds)]
 
     def image_name(self, index: int) -> str:
-        prompt_index, seed_index = divmod(index, len(self.seeds))
-        return f"p{prompt_index:03d}_s{self.seeds[seed_index]}.png"
+        setting, local = divmod(index, self.per_setting)
+        prompt_index, seed_index = divmod(local, len(self.seeds))
+        prefix = f"{self.settings[setting].name}_" if self.settings else ""
+        return f"{prefix}p{prompt_index:03d}_s{self.seeds[seed_index]}.png"
 
 
 def read_prompts(path: str | Path) -> tuple[str, ...]:
@@ -101,7 +148,10 @@ def synchronize(device: torch.device) -> None:
 
 def generate_image(loaded: LoadedPipeline, spec: GenerationSpec, prompt: str, seed: int) -> np.ndarray:
     """One output: an HxWx3 uint8 image, or every frame of a video pipeline's clip (TxHxWx3);
-    raises NonFiniteOutput when the pipeline produced NaN or inf."""
+    raises NonFiniteOutput when the pipeline produced NaN or inf.  ``spec`` is one setting
+    (a matrix's ``part_of(index)``)."""
+    if spec.settings:
+        raise ValueError("generate_image takes one setting; pass spec.part_of(index)[1]")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.inference_mode():
         out = loaded.pipe(prompt=prompt, generator=generator, **_call_kwargs(loaded.pipe, spec))
@@ -128,13 +178,14 @@ def iter_images(
     only the indices in ``only``, when given), so callers can stop early, resume, or show
     progress; ``compiled``: torch.compile built a graph while this image was generated, so its
     seconds include compilation."""
+    parts = spec.parts()
     for index, prompt, seed in spec.items()[start:]:
         if only is not None and index not in only:
             continue
         graphs = _graphs_compiled()
         synchronize(loaded.device)
         began = time.perf_counter()
-        image = generate_image(loaded, spec, prompt, seed)
+        image = generate_image(loaded, parts[index // spec.per_setting], prompt, seed)
         synchronize(loaded.device)
         yield index, image, time.perf_counter() - began, _graphs_compiled() != graphs
 
@@ -211,8 +262,11 @@ def baseline_key(loaded: LoadedPipeline, spec: GenerationSpec) -> str:
     device = loaded.device.type
     if device == "cuda":
         device += ":" + torch.cuda.get_device_name(loaded.device)
+    spec_fields = asdict(spec)
+    if not spec.settings:
+        del spec_fields["settings"]  # one setting: keyed as before matrices existed
     fields = dict(format=BASELINE_FORMAT, model=loaded.model, content=loaded.fingerprint,
-                  spec=asdict(spec), dtype=str(loaded.dtype), device=device,
+                  spec=spec_fields, dtype=str(loaded.dtype), device=device,
                   vae_decoder_dtype=_decoder_dtype(loaded.vae),
                   image=_sha256(Path(spec.image)) if spec.image else None,
                   torch=torch.__version__, diffusers=diffusers.__version__)
@@ -247,6 +301,23 @@ class Baseline:
     created_at: str = ""
     floor_images: dict[str, list[np.ndarray]] = field(default_factory=dict)  # variant -> images
     image_seconds: list[float] = field(default_factory=list)  # per output, compilation left out
+    parts: list["Baseline"] = field(default_factory=list)  # a matrix's: one per setting (join_baselines)
+
+
+def join_baselines(parts: list[Baseline]) -> Baseline:
+    """A matrix's baseline: every setting's outputs in the spec's order.  Each setting is built
+    and cached on its own (under the key it has alone, so a setting shared with another study is
+    generated once); the noise floor is measured per setting (``parts``)."""
+    if len(parts) == 1:
+        return parts[0]
+    seconds = [s for part in parts for s in part.image_seconds]
+    peaks = [part.peak_memory_bytes for part in parts if part.peak_memory_bytes is not None]
+    return Baseline([image for part in parts for image in part.images],
+                    float(np.median(seconds)) if seconds else parts[0].seconds_per_image,
+                    max(peaks) if peaks else None, parts[0].directory,
+                    cached=all(part.cached for part in parts),
+                    created_at=max(part.created_at for part in parts), image_seconds=seconds,
+                    parts=list(parts))
 
 
 def bf16_ulp_away_from_zero(x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from layerscan.engine import Fp8Engine
 from layerscan.errors import UserError
 from layerscan.floor import NoiseFloor, measure_floor
 from layerscan.generate import (
-    FLOOR_VARIANTS, Baseline, GenerationSpec, baseline_key, baseline_lock, load_or_build_baseline,
-    read_prompts,
+    FLOOR_VARIANTS, Baseline, GenerationSpec, Setting, baseline_key, baseline_lock, join_baselines,
+    load_or_build_baseline, read_prompts,
 )
 from layerscan.metrics import LPIPS_PROTOCOL, METRICS, Scorer, check_accuracy_prompts, checker_fingerprint, resolve_metrics
 from layerscan.pipeline import LoadedPipeline, load_pipeline, local_model_dir
@@ -52,6 +53,17 @@ def output_metrics(metrics: list[str], loaded: LoadedPipeline) -> list[str]:
     return metrics
 
 
+def generation_spec(study: Study, prompts: tuple[str, ...]) -> GenerationSpec:
+    """What decides the pixels: the study's prompts and seeds under its one setting, or under
+    each of its settings matrix (``Study.generation_settings``, cheapest first)."""
+    settings = tuple(Setting(s["name"], s["steps"], s["height"], s["width"], s["guidance"], s["image"],
+                             tuple(sorted(s["pipeline_kwargs"].items())))
+                     for s in study.generation_settings()) if study.settings else ()
+    return GenerationSpec(prompts, tuple(study.seeds), study.steps, study.height, study.width,
+                          study.guidance, study.image, tuple(sorted(study.pipeline_kwargs.items())),
+                          settings)
+
+
 @dataclass
 class Session:
     study: Study
@@ -64,6 +76,12 @@ class Session:
     baseline: Baseline | None = None
     floor: NoiseFloor | None = None
     criterion: Criterion | None = None  # the study's, with floor-relative thresholds resolved
+
+    @property
+    def proxy_spec(self) -> GenerationSpec:
+        """The setting the proxies record and replay: the first (cheapest) of a matrix.  A proxy
+        only orders candidates; every verdict is still a full evaluation under every setting."""
+        return self.spec.parts()[0]
 
     @property
     def eval_key(self) -> str:
@@ -108,8 +126,7 @@ def open_session(
     if study.criterion.metric not in metrics:
         raise UserError(f"the criterion uses {study.criterion.metric}, which cannot be computed "
                         "here; choose another with --criterion-metric (e.g. --criterion-metric psnr)")
-    spec = GenerationSpec(prompts, tuple(study.seeds), study.steps, study.height, study.width,
-                          study.guidance, study.image, tuple(sorted(study.pipeline_kwargs.items())))
+    spec = generation_spec(study, prompts)
     if loaded is None:
         loaded = load_pipeline(study.model, device, trust_remote_code=trust_remote_code,
                                revision=study.revision, profile=study.profile, target=study.target,
@@ -127,15 +144,21 @@ def open_session(
     session = Session(study, loaded, engine, spec, scorer, metrics, cache_root)
     images = len(spec.items())
     # One process builds a baseline; others on the same cache wait for it and load it.  The
-    # denoising trajectory the proxies replay is recorded on the way, at the cost of a few copies.
-    with baseline_lock(loaded, spec, cache_root), \
-            tqdm(total=images * (1 + len(FLOOR_VARIANTS)), desc="BF16 baseline + noise floor",
-                 unit="img", leave=False) as bar:
-        session.baseline = load_or_build_baseline(
-            loaded, spec, cache_root, on_image=lambda i, s: bar.update(1),
-            capture=capture_trajectory(loaded, spec, cache_root), warn=warn)
+    # denoising trajectory the proxies replay is recorded on the way, at the cost of a few copies
+    # (of the first setting's: the proxies read one setting, see proxy_spec).
+    parts = []
+    with tqdm(total=images * (1 + len(FLOOR_VARIANTS)), desc="BF16 baseline + noise floor",
+              unit="img", leave=False) as bar:
+        for number, part in enumerate(spec.parts()):
+            with baseline_lock(loaded, part, cache_root):
+                parts.append(load_or_build_baseline(
+                    loaded, part, cache_root, on_image=lambda i, s: bar.update(1),
+                    capture=capture_trajectory(loaded, part, cache_root) if number == 0 else None,
+                    warn=warn))
+    session.baseline = join_baselines(parts)
     session.floor = measure_floor(scorer, session.baseline, [p for _, p, _ in spec.items()])
     crit = study.criterion
-    session.criterion = crit.resolve(session.floor.mean.get(crit.metric),
-                                     session.floor.worst.get(crit.metric))
+    session.criterion = dataclasses.replace(
+        crit.resolve(session.floor.mean.get(crit.metric), session.floor.worst.get(crit.metric)),
+        per_setting=spec.per_setting if spec.settings else 0)
     return session

@@ -91,6 +91,9 @@ class Criterion:
     worst: Threshold | float | str = "floor + 0.15"
     floor_mean: float | None = None  # the noise floor's statistics, once measured
     floor_worst: float | None = None
+    # A settings matrix's outputs come setting after setting, this many each (0: one setting);
+    # the pass rule then holds under every setting on its own (``slices``).
+    per_setting: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", Threshold.parse(self.mean))
@@ -111,6 +114,11 @@ class Criterion:
     def resolve(self, floor_mean: float | None, floor_worst: float | None) -> "Criterion":
         return dataclasses.replace(self, floor_mean=floor_mean, floor_worst=floor_worst)
 
+    def slices(self, count: int) -> list[range]:
+        """The outputs of each setting among ``count`` (one range without a matrix)."""
+        size = self.per_setting or max(count, 1)
+        return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
     def meets(self, value: float, limit: float) -> bool:
         return value <= limit if self.lower_is_better else value >= limit
 
@@ -124,7 +132,8 @@ class Criterion:
     def describe(self) -> str:
         op = "<=" if self.lower_is_better else ">="
         return (f"{self.metric} mean {op} {self._limit_text(self.mean, self.floor_mean)} "
-                f"and worst {op} {self._limit_text(self.worst, self.floor_worst)}")
+                f"and worst {op} {self._limit_text(self.worst, self.floor_worst)}"
+                + (" under every setting" if self.per_setting else ""))
 
     def _limit_text(self, threshold: Threshold, floor: float | None) -> str:
         if not threshold.relative:
@@ -148,6 +157,9 @@ class Study:
     guidance: float = 4.0
     image: str | None = None  # input image, for editing pipelines
     pipeline_kwargs: dict = field(default_factory=dict)  # passed to the pipeline call as is
+    # A settings matrix ([[settings]] tables: name and any of SETTING_KEYS, the rest as above):
+    # a configuration passes only if it passes under every setting.
+    settings: tuple[dict, ...] = ()
     metrics: tuple[str, ...] = ("lpips", "ssim", "psnr")
     lpips_net: Literal["alex", "vgg"] = "alex"
     criterion: Criterion = field(default_factory=Criterion)
@@ -200,13 +212,70 @@ class Study:
             raise UserError(f"unknown metric(s): {', '.join(sorted(unknown))}")
         if not self.seeds:
             raise UserError("at least one seed is needed")
-        if self.image is not None and not Path(self.image).is_file():
-            raise UserError(f"input image not found: {self.image}")
+        for image in {self.image} | {s.get("image") for s in self.settings}:
+            if image is not None and not Path(image).is_file():
+                raise UserError(f"input image not found: {image}")
         return self
+
+    def generation_settings(self) -> list[dict]:
+        """Each setting of the matrix with every key resolved (the study's value where the
+        setting says nothing; ``pipeline_kwargs`` merged over the study's), cheapest first, so
+        an early-stopped evaluation tries the cheapest setting that can prove a failure first.
+        Without a matrix: the study's one setting."""
+        resolved = []
+        for entry in self.settings or ({},):
+            values = {key: entry.get(key, getattr(self, key)) for key in SETTING_KEYS}
+            values["pipeline_kwargs"] = {**self.pipeline_kwargs, **entry.get("pipeline_kwargs", {})}
+            values["name"] = entry.get("name") or _setting_name(values)
+            resolved.append(values)
+        return sorted(resolved, key=setting_cost)
 
     @property
     def slug(self) -> str:
         return slugify(self.name or self.model)
+
+
+# What a setting of a matrix may change; everything else (prompts, seeds, the model) is the study's.
+SETTING_KEYS = ("steps", "height", "width", "guidance", "image", "pipeline_kwargs")
+_SETTING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")  # part of every output's file name
+
+
+def _setting_name(values: dict) -> str:
+    frames = values["pipeline_kwargs"].get("num_frames")
+    return f"{values['width']}x{values['height']}" + (f"x{frames}f" if frames else "") + \
+        f"-{values['steps']}steps"
+
+
+def setting_cost(values: dict) -> float:
+    """What one output costs under a setting, in relative units: pixels x frames x steps."""
+    frames = values["pipeline_kwargs"].get("num_frames", 1)
+    return values["height"] * values["width"] * (frames if isinstance(frames, int) else 1) * values["steps"]
+
+
+def check_matrix(entries: tuple[dict, ...]) -> None:
+    """Each [[settings]] table: known keys with values of their study field's type, a name
+    usable in a file name, and no two settings alike."""
+    names, seen = set(), set()
+    for number, entry in enumerate(entries, 1):
+        where = f"[[settings]] #{number}"
+        unknown = set(entry) - set(SETTING_KEYS) - {"name"}
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a setting may "
+                            f"set name, {', '.join(SETTING_KEYS)}")
+        try:
+            checked = check_settings({k: v for k, v in entry.items() if k != "name"})
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        name = entry.get("name")
+        if name is not None and not (isinstance(name, str) and _SETTING_NAME.match(name)):
+            raise UserError(f"{where}: name {name!r} must be letters, digits, '.' or '-'")
+        if name is not None and name in names:
+            raise UserError(f"{where}: two settings are named {name!r}")
+        names.add(name)
+        key = repr(sorted(checked.items()))
+        if key in seen:
+            raise UserError(f"{where} repeats an earlier setting")
+        seen.add(key)
 
 
 def slugify(text: str) -> str:
@@ -260,6 +329,11 @@ def load_study(path: str | Path) -> dict:
         if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
             relative = (path.parent / values[key]).resolve()
             values[key] = str(relative) if relative.exists() else values[key]
+    for entry in values.get("settings", ()) if isinstance(values.get("settings"), list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("image"), str) \
+                and not Path(entry["image"]).is_absolute():
+            relative = (path.parent / entry["image"]).resolve()
+            entry["image"] = str(relative) if relative.exists() else entry["image"]
     return values
 
 
@@ -306,6 +380,8 @@ def _describe_type(hint) -> str:
         return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
+        if item is dict:
+            return "a list of tables, e.g. [[settings]] with steps = 8"
         return f"a list of {_TYPE_WORDS[item].removeprefix('a ')}s, e.g. " + \
             ("[0, 1]" if item is int else '["a", "b"]')
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -376,6 +452,8 @@ def check_settings(values: dict, as_flags: bool = False) -> dict:
     for key in _NON_NEGATIVE:
         if checked.get(key) is not None and checked[key] < 0:
             raise UserError(f"{setting(key, checked[key])}: expected a number of at least 0")
+    if "settings" in checked:
+        check_matrix(checked["settings"])
     for seed in checked.get("seeds", ()):
         if not 0 <= seed < 2 ** 63:  # what torch.Generator.manual_seed takes without wrapping
             raise UserError(f"{setting('seeds', list(checked['seeds']))}: {seed} is not a seed "

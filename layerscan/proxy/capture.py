@@ -352,7 +352,7 @@ def record_trajectory(session) -> Trajectory:
 
     The generation is counted as proxy cost (``record_calls``).  The engine is left in BF16.
     """
-    spec = session.spec
+    spec = session.proxy_spec
     traj = cached_trajectory(session.loaded, spec, session.cache_root)
     if traj is not None:
         return traj

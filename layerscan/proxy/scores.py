@@ -52,7 +52,7 @@ class Proxies:
         self.session = session
         self.trajectory = record_trajectory(session)
         self.cost = ProxyCost(calls=float(self.trajectory.record_calls))
-        self._scores_path = cache_dir(session.loaded, session.spec, session.cache_root) / f"scores-{session.eval_key}.json"
+        self._scores_path = cache_dir(session.loaded, session.proxy_spec, session.cache_root) / f"scores-{session.eval_key}.json"
         self._scores = self._read_scores()
 
     @property

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from layerscan.configs import describe
-from layerscan.evaluate import TrialRecord
+from layerscan.evaluate import TrialRecord, setting_verdicts, worst_setting
 from layerscan.generate import FLOOR_VARIANTS, save_png
 from layerscan.metrics import METRICS
 from layerscan.report.ci_entry import UPSTREAM, build_entry, render_entry
@@ -25,7 +25,7 @@ from layerscan.report.proxy_section import report_section as proxy_report_sectio
 from layerscan.report.table import HEADERS, column_keys, render_row, table_row
 from layerscan.runner import RunOutcome
 from layerscan.session import Session
-from layerscan.stats import paired_difference_ci, ratio_of_medians_ci
+from layerscan.stats import bootstrap_ci, paired_difference_ci, ratio_of_medians_ci
 from layerscan.workers import redact_url as _redact  # storage URLs without passwords
 
 GRID_PROMPTS = 4  # image grid rows: the first few images keep the report readable
@@ -61,14 +61,16 @@ def _output_word(session: Session) -> str:
 
 
 def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended, floor,
-                    output: str = "image") -> str:
+                    output: str = "image", worst_setting=None) -> str:
+    """``worst_setting``: for a settings matrix, the setting each record does worst under."""
     head = ["configuration"] + [f"{m} mean [95 % CI] / worst" for m in metrics] + [
-        "weights", "BF16 kept", "s/video" if output == "video" else "s/img", "status"]
+        "weights", "BF16 kept", "s/video" if output == "video" else "s/img", "status"] + \
+        (["worst setting"] if worst_setting else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if floor is not None and floor.mean:
         cells = ["*noise floor* (BF16 vs BF16)"] + [
             f"{_fmt(floor.mean.get(m), m)} / {_fmt(floor.worst.get(m), m)}" for m in metrics]
-        lines.append("| " + " | ".join(cells + ["", "", "", "floor"]) + " |")
+        lines.append("| " + " | ".join(cells + ["", "", "", "floor"] + [""] * bool(worst_setting)) + " |")
     for r in records:
         label = describe(r.config)
         if recommended is not None and r.config == recommended.config:
@@ -76,6 +78,8 @@ def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended,
         cells = [label] + [f"{_with_ci(r, m)} / {_fmt(r.worst.get(m), m)}" for m in metrics]
         cells += [format_bytes(r.total_weight_bytes), format_bytes(r.bf16_kept_bytes),
                   f"{r.seconds_per_image:.3f}" if r.seconds_per_image else "—", _status(r)]
+        if worst_setting:
+            cells.append(f"`{worst_setting(r)}`" if worst_setting(r) else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,6 +129,10 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
         "prefer": ledger.prefer, "preference_note": ledger.preference_note,
         "speedup_vs_bf16": speedup, "ci_entry": ci_entry,
         "criterion": crit.describe(),
+        "settings": [dict(name=n, **_setting_json(part)) for n, part
+                     in zip(session.spec.setting_names(), session.spec.parts())] if session.spec.settings else None,
+        "per_setting": setting_rows(session, [r for r in outcome.records if r.config is not None])
+        if session.spec.settings else None,
         "noise_floor": session.floor.as_dict() if session.floor else None,
         "attribution": {c: _summary(ledger.recorded(config)) for c, config in outcome.attribution.items()},
         "strategy": study.strategy, "granularity": study.granularity,
@@ -150,13 +158,31 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     return path
 
 
+def _setting_json(part) -> dict:
+    return dict(steps=part.steps, height=part.height, width=part.width, guidance=part.guidance,
+                image=part.image, pipeline_kwargs=dict(part.extra))
+
+
 def quality_test_entry(session: Session, rec: TrialRecord | None, final: bool) -> dict:
     """The recommendation as an entry of vLLM-Omni's FP8 quality test (layerscan.report.ci_entry)."""
     loaded, spec, floor = session.loaded, session.spec, session.floor
     paste = quantization_configs(rec, loaded)["paste"] if rec is not None else None
     lpips_ci = rec.ci.get("lpips") if rec is not None else None
+    scores = rec.per_prompt if rec is not None else []
+    names = spec.setting_names()
+    decisive = worst_setting(rec, session.criterion, names) if rec is not None else None
+    if decisive is not None:
+        # Upstream's entry has one setting: the matrix's worst for this configuration, with the
+        # interval of that setting's outputs alone.
+        number = names.index(decisive)
+        spec = spec.parts()[number]
+        scores = scores[number * spec.per_setting:(number + 1) * spec.per_setting]
+        lpips = [p["lpips"] for p in scores if "lpips" in p]
+        lpips_ci = list(bootstrap_ci(lpips)) if len(lpips) == len(scores) and lpips else None
+    elif spec.settings:
+        spec = spec.parts()[0]
     # Upstream scores one output, the first prompt with the first seed: index 0 here.
-    first = rec.per_prompt[0].get("lpips") if rec is not None and rec.per_prompt else None
+    first = scores[0].get("lpips") if scores else None
     frames = dict(spec.extra).get("num_frames")
     return build_entry(
         model=session.study.model, quantization=paste, video=loaded.video,
@@ -378,6 +404,57 @@ def _comparisons(session: Session, outcome: RunOutcome) -> list[str]:
     return lines
 
 
+def _setting_text(part, name: str) -> str:
+    """One setting as the report names it, e.g. "`short`: 8 steps, 64x64, 9 frames, guidance 4"."""
+    frames = dict(part.extra).get("num_frames")
+    return ((f"`{name}`: " if name else "") + f"{part.steps} steps, {part.width}x{part.height}"
+            + (f", {frames} frames" if frames else "") + f", guidance {part.guidance:g}")
+
+
+def setting_rows(session: Session, records: list[TrialRecord]) -> list[dict]:
+    """Each record's verdict under each setting of the matrix (recommendation.json's)."""
+    crit, names = session.criterion, session.spec.setting_names()
+    return [{"configuration": describe(r.config), "ignored_layers": list(r.config or ()),
+             "worst_setting": worst_setting(r, crit, names),
+             "settings": setting_verdicts(r, crit, names)}
+            for r in records if r.per_prompt and crit.metric in r.per_prompt[0]]
+
+
+def _settings_section(session: Session, outcome: RunOutcome) -> list[str]:
+    """With a settings matrix: the criterion under each setting, for FP8 everywhere and the
+    recommendation, and which setting decides (the worst)."""
+    spec, crit = session.spec, session.criterion
+    if not spec.settings:
+        return []
+    metric, names = crit.metric, spec.setting_names()
+    shown = [("FP8 everywhere", outcome.ledger.recorded(()))]
+    if outcome.recommended is not None and outcome.recommended.config:
+        shown.append((f"recommended: {describe(outcome.recommended.config)}", outcome.recommended))
+    rows = [(title, r) for title, r in shown
+            if r is not None and r.status != "failed" and metric in (r.per_prompt or [{}])[0]]
+    out = ["## Under each generation setting", "",
+           f"A configuration passes only if it passes under every setting; each setting is judged "
+           f"on its own {spec.per_setting} {_output_word(session)}s "
+           f"({metric} mean, pessimistic bound / worst). Settings, cheapest first (early "
+           "stopping tries the cheapest first): " + "; ".join(
+               _setting_text(part, name) for part, name in zip(spec.parts(), names)) + ".", ""]
+    if not rows:
+        return out
+    out += ["| configuration | " + " | ".join(f"`{n}`" for n in names) + " | worst setting |",
+            "|---|" + "---|" * (len(names) + 1)]
+    for title, record in rows:
+        cells = []
+        for v in setting_verdicts(record, crit, names):
+            verdict = "passes" if v["passes"] else "**fails**"
+            if v["outputs"] < spec.per_setting:  # stopped early, within this setting
+                verdict = f"**fails** (proven after {v['outputs']}/{spec.per_setting})"
+            cells.append(f"{_fmt(v['mean'], metric)} ({_fmt(v['bound'], metric)}) / "
+                         f"{_fmt(v['worst'], metric)} {verdict}")
+        cells += ["not generated (a failure was proven before it)"] * (len(names) - len(cells))
+        out.append(f"| {title} | " + " | ".join(cells) + f" | `{worst_setting(record, crit, names)}` |")
+    return out + [""]
+
+
 def _check_line(check: dict | None) -> str:
     """Whether the target release's own code agrees with the recommendation (``layerscan check``)."""
     if check is None:
@@ -388,6 +465,7 @@ def _check_line(check: dict | None) -> str:
 def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_entry, speedup) -> str:
     study, loaded, crit = session.study, session.loaded, session.criterion
     rec, ledger = outcome.recommended, outcome.ledger
+    spec, names = session.spec, session.spec.setting_names()
     bf16 = ledger.reference
     profile = loaded.profile
     device = str(loaded.device)
@@ -407,9 +485,10 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
             f"- Model: `{study.model}` (content fingerprint `{loaded.fingerprint}`), profile "
             f"`{profile.name}` for `{profile.target.name}`: quantized {components}; "
             f"`ignored_layers` matched {profile.match}ly by the target.",
-            f"- Prompts: {len(session.spec.prompts)} × seeds {list(session.spec.seeds)} = "
-            f"{_outputs_text(session)}; {session.spec.steps} steps, "
-            f"{session.spec.width}x{session.spec.height}, guidance {session.spec.guidance:g}.",
+            f"- Prompts: {len(spec.prompts)} × seeds {list(spec.seeds)}"
+            + (f" × {len(spec.settings)} settings" if spec.settings else "")
+            + f" = {_outputs_text(session)}; " + "; ".join(_setting_text(part, name) for part, name
+                                                      in zip(spec.parts(), names)) + ".",
             f"- Criterion: {crit.describe()} "
             f"{'(each picture against its prompt)' if crit.metric == 'accuracy' else 'against the BF16 baseline'}; "
             "a configuration passes when the pessimistic end of its mean's one-sided 95 % bootstrap "
@@ -472,6 +551,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
                 f"{format_bytes(bf16.total_weight_bytes)} in BF16 "
                 f"({format_bytes(saved)} saved, {100 * saved / bf16.total_weight_bytes:.1f} %).", ""]
         out += _comparisons(session, outcome) + [""]
+    out += _settings_section(session, outcome)
     if outcome.final:
         out += ["Supported-models table row (`row.md`; `layerscan table --update FILE` writes it "
                 "into any table with either header):", "", row_table, ""]
@@ -502,7 +582,9 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
     out += ["## Ablation", "",
             "Every configuration on record, BF16 reference first. Weights are exact analytic "
             "bytes (FP8 weights + float32 scales, the rest BF16) over all components.", "",
-            _ablation_table(outcome.records, session.metrics, rec, session.floor, output), ""]
+            _ablation_table(outcome.records, session.metrics, rec, session.floor, output,
+                            (lambda r: r.config is not None and worst_setting(r, crit, names))
+                            if spec.settings else None), ""]
     if outcome.pareto:
         out += ["Pareto front (quality loss vs BF16-kept bytes): " +
                 "; ".join(describe(r.config) for r in outcome.pareto), ""]
