@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     from layerscan.study import build_study, load_study
 
     study = build_study(load_study(args.study))
-    frames = args.frames or int(study.pipeline_kwargs.get("num_frames", 81))
+    # The study's longest clip (a settings matrix lists several; each is estimated alike).
+    frames = args.frames or max(int(s["pipeline_kwargs"].get("num_frames", 81))
+                                for s in study.generation_settings())
     height, width = args.height or study.height, args.width or study.width
     config = A14B
     device = torch.device("cuda")
