@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("eager", "compiled"), default="eager")
     p.add_argument("--cap-gb", type=float, default=None, help="cap this process's GPU memory")
     p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--settings", type=lambda t: [int(x) for x in t.split(",")],
+                   help="square sizes of a settings matrix, e.g. 1024,1328 (replaces --size)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prompts", type=int, default=3, help="images per configuration (>= 3: the "
                    "median then leaves out a first image that includes compilation)")
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
               for name in ("transformer", "text_encoder", "vae")}
 
     generation = {"seconds": 0.0, "images": 0}
+    calls: list[tuple[int, float]] = []  # (height, seconds) of every image, in order
     call = type(pipe).__call__
 
     @functools.wraps(call)  # keeps the signature: layerscan reads it to find the CFG knob
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             synchronize(device)
             generation["seconds"] += time.perf_counter() - t
             generation["images"] += 1
+            calls.append((kw.get("height"), time.perf_counter() - t))
 
     type(pipe).__call__ = timed
     study = build_study(dict(
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         guidance=4.0, metrics=["ssim", "psnr"], criterion_metric="psnr",
         criterion_mean=_threshold(args.criterion_mean), criterion_worst=_threshold(args.criterion_worst),
         strategy=args.strategy, max_trials=args.max_trials,
-        compile=args.mode == "compiled"))
+        compile=args.mode == "compiled",
+        settings=[dict(name=f"{size}px", height=size, width=size) for size in args.settings or ()]))
     loaded = wrap_pipeline(pipe, study.model, work, "random-seed-0", device, torch.bfloat16)
     start = time.perf_counter()
     session = open_session(study, str(device), cache_root=work / "cache", loaded=loaded,
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     synchronize(device)
     phases["baseline_and_floor"] = time.perf_counter() - start
     baseline_generation = dict(generation)
+    baseline_calls = len(calls)
     evaluations: list[dict] = []
     start = time.perf_counter()
     outcome = run_study(session, work / "report", study.strategy)
@@ -223,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         bf16_seconds_per_image=bf16, fp8_all_seconds_per_image=fp8_all,
         fp8_all_speedup=(bf16 / fp8_all) if bf16 and fp8_all else None,
         new_evaluations=outcome.new_evaluations, report_generated_images=outcome.ledger.report_generations,
-        stop_reason=outcome.stop_reason, evaluations=evaluations)
+        stop_reason=outcome.stop_reason, evaluations=evaluations,
+        settings=args.settings,
+        # Every image's seconds by size and phase (the first of each shape and configuration
+        # includes compilation), for per-setting costs of a matrix.
+        image_calls=[dict(height=h, seconds=round(t, 3), phase="baseline" if i < baseline_calls else "after")
+                     for i, (h, t) in enumerate(calls)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "evaluations"}, indent=1))

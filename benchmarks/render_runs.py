@@ -1,7 +1,7 @@
 """Render RESULTS.md's tables of whole runs from their raw JSON in benchmarks/results/runs/.
 
 Same contract as render_gpu.py (whose marker handling this reuses), for the files that
-bench_fullsize_run.py, bench_wan_step.py, bench_devices.py and bench_batch_workers.py write: RESULTS.md holds the
+bench_fullsize_run.py, bench_wan_step.py, bench_devices.py, bench_batch_workers.py and bench_prefer.py write: RESULTS.md holds the
 rendered text between ``<!-- render_runs:NAME -->`` and ``<!-- /render_runs:NAME -->`` lines, the
 prose around them is written by hand and must agree with them.
 
@@ -108,8 +108,11 @@ def render_devices(runs: dict) -> list[str]:
 
 
 PLANTED = {"fullsize_planted_before.json": "before (d26011a)", "fullsize_planted_after.json": "after"}
-# studies/qwen-image.toml: 8 prompts x 3 seeds at 50 steps (the measured runs: 3 x 1 at 20).
+# studies/qwen-image.toml: 8 prompts x 3 seeds at 50 steps under each setting (the measured runs:
+# 3 x 1 at 20); before its settings matrix it had one, 1024x1024.
 SHIPPED = {"outputs": 24, "steps": 50}
+MATRIX = "fullsize_matrix.json"
+PREFER = "prefer_gpu.json"
 
 
 def render_planted(runs: dict) -> list[str]:
@@ -154,11 +157,119 @@ def render_planted(runs: dict) -> list[str]:
             (f"report: {report_images} grid outputs of FP8 everywhere x {per_fp8_all:.2f} s, plus the rest",
              report_images * per_fp8_all + max(0.0, p["report"] - report_images * a["fp8_all_seconds_per_image"]))]
     total = sum(s for _, s in rows)
-    out += ["", f"Projection for `studies/qwen-image.toml` ({n} outputs at {SHIPPED['steps']} steps, "
-            f"auto, the planted answer), from the after run: seconds per output x {scale:.1f} "
-            "for the steps, overheads as measured.", "", "| part | s |", "|---|---|"]
+    out += ["", f"Projection for `studies/qwen-image.toml` at 1024x1024 alone, as it was before its "
+            f"settings matrix ({n} outputs at {SHIPPED['steps']} steps, auto, the planted answer), "
+            f"from the after run: seconds per output x {scale:.1f} for the steps, overheads as "
+            "measured.", "", "| part | s |", "|---|---|"]
     out += [f"| {label} | {seconds:.0f} |" for label, seconds in rows]
     out.append(f"| **total** | **{total:.0f} ({total / 60:.1f} min)** |")
+    return out
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _calls_by_evaluation(run: dict) -> dict[str, dict[int, list[float]]]:
+    """The after-baseline image calls of a run, by evaluation and size: the evaluations generate
+    their images in the order the run lists them, the report's grid outputs come last."""
+    after = [c for c in run["image_calls"] if c["phase"] == "after"]
+    out, position = {}, 0
+    for e in run["evaluations"]:
+        if e["config"] is None:
+            continue
+        taken, position = after[position:position + e["images"]], position + e["images"]
+        for c in taken:
+            out.setdefault(e["label"], {}).setdefault(c["height"], []).append(c["seconds"])
+    for c in after[position:]:
+        out.setdefault("report", {}).setdefault(c["height"], []).append(c["seconds"])
+    return out
+
+
+def _steady(seconds: list[float]) -> float:
+    """Seconds per output once compiled: the median of all but the first (which compiles)."""
+    return _median(seconds[1:] or seconds)
+
+
+def render_matrix(runs: dict) -> list[str]:
+    """``bench_fullsize_run.py --settings``: the planted full-size model under a settings matrix,
+    per-setting costs, and the shipped two-resolution study's time projected from them."""
+    d = runs[MATRIX]
+    sizes, p = d["settings"], d["phases_s"]
+    baseline = {h: [c["seconds"] for c in d["image_calls"] if c["phase"] == "baseline" and c["height"] == h]
+                for h in sizes}
+    by_eval = _calls_by_evaluation(d)
+    answer = next(e["label"] for e in d["evaluations"] if e["config"] == d["answer"])
+    bf16 = {h: _steady(baseline[h]) for h in sizes}
+    kept = {h: _steady(by_eval[answer][h]) for h in sizes}
+    fp8_all = {h: _median(by_eval["report"][h]) for h in sizes if h in by_eval.get("report", {})}
+    out = [f"Source: `results/runs/{MATRIX}` ({d['device']}; `{d['command']}`).", "",
+           f"Answer: {', '.join(d['answer'] or ['none'])} under every setting; wall {d['wall_s']:.0f} s "
+           f"(build {p['build']:.0f}, baseline and floor {p['baseline_and_floor']:.0f}, search "
+           f"{p['search']:.0f}, report {p['report']:.0f}); {d['images_generated']} outputs generated; "
+           f"floor variants bit-identical under every setting: "
+           f"{', '.join(d['floor']['identical_variants']) or 'none'}; {d['residency']} residency.", "",
+           f"| setting | BF16 s/output | FP8 everywhere s/output | {answer} s/output | BF16 / FP8 everywhere |",
+           "|---|---|---|---|---|"]
+    for h in sizes:
+        ratio = f"{bf16[h] / fp8_all[h]:.2f}x" if h in fp8_all else "—"
+        out.append(f"| {h}x{h} | {bf16[h]:.2f} | {fp8_all.get(h, float('nan')):.2f} | {kept[h]:.2f} | {ratio} |")
+    # The projection: per-output seconds scale with steps; overheads as measured.
+    scale, n = SHIPPED["steps"] / d["steps"], SHIPPED["outputs"]
+    floor_outputs = {h: len(baseline[h]) - d["images_per_configuration"] for h in sizes}
+    identical_at = [h for h in sizes if floor_outputs[h] < 2 * d["images_per_configuration"]]
+    per_setting = sum(bf16.values()) * scale
+    attention_seconds = sum((1 if h in identical_at else n) * bf16[h] * scale for h in sizes)
+    first_fp8 = by_eval["FP8 all"][sizes[0]][0] * scale
+    search_generation = sum(sum(sum(v) for v in by_eval[e["label"]].values())
+                            for e in d["evaluations"] if e["config"] is not None)
+    report_grid = sum(sum(v) for v in by_eval.get("report", {}).values())
+    rows = [("build (random weights from configs)", p["build"]),
+            (f"BF16 baseline: {n} outputs under each setting, " + " + ".join(
+                f"{bf16[h] * scale:.1f}" for h in sizes) + " s", n * per_setting),
+            ("floor, latents+1ulp: the same", n * per_setting),
+            ("floor, attention-math: " + ", ".join(
+                f"{h}: {'1 output (bit-identical)' if h in identical_at else f'{n} outputs'}" for h in sizes),
+             attention_seconds),
+            ("baseline-phase overhead as measured (compilation, trajectory capture)",
+             p["baseline_and_floor"] - d["baseline_phase_generation_s"]),
+            (f"FP8 everywhere, stopped after 1 output at {sizes[0]}x{sizes[0]} (its measured output "
+             "includes compilation: an overestimate)", first_fp8),
+            (f"the answer in full: {n} outputs under each setting, " + " + ".join(
+                f"{kept[h] * scale:.1f}" for h in sizes) + " s", n * sum(kept.values()) * scale),
+            ("search overhead as measured (compilation, requantizing, proxies)",
+             max(0.0, p["search"] - search_generation)),
+            ("report: the grid's FP8-everywhere outputs, scaled, plus the rest as measured",
+             report_grid * scale + max(0.0, p["report"] - report_grid))]
+    total = sum(seconds for _, seconds in rows)
+    out += ["", f"Projection for `studies/qwen-image.toml` with its two settings ({n} outputs at "
+            f"{SHIPPED['steps']} steps under each of " + ", ".join(f"{h}x{h}" for h in sizes)
+            + f", auto, the planted answer), from this run: seconds per output x {scale:.1f} for the "
+            "steps, overheads as measured.", "", "| part | s |", "|---|---|"]
+    out += [f"| {label} | {seconds:.0f} |" for label, seconds in rows]
+    out.append(f"| **total** | **{total:.0f} ({total / 60:.1f} min)** |")
+    return out
+
+
+def render_prefer(runs: dict) -> list[str]:
+    """``bench_prefer.py``: one planted model, every configuration, two preferences."""
+    d = runs[PREFER]
+    out = [f"Source: `results/runs/{PREFER}` ({d['device']}, torch {d['torch']}; `{d['command']}`), "
+           f"planted: {d['planted']}.", "",
+           "| configuration | verdict | psnr mean | ms / image | BF16-kept bytes |", "|---|---|---|---|---|"]
+    for c in d["configurations"]:
+        verdict = "reference" if c["configuration"] == "BF16" else ("passes" if c["passes"] else "fails")
+        out.append(f"| {c['configuration']} | {verdict} | {c['psnr_mean']:.2f} | "
+                   f"{1000 * c['seconds_per_image']:.1f} | {c['bf16_kept_bytes']:,} |")
+    out += ["", "| --prefer | answer | speed-up over BF16 [95 % CI] | kept for the objective, not for quality |",
+            "|---|---|---|---|"]
+    for prefer, a in d["answers"].items():
+        speed = a["speedup_vs_bf16"]
+        out.append(f"| {prefer} | {', '.join(f'`{g}`' for g in a['answer'])} | {speed['median_ratio']:.2f}x "
+                   f"[{speed['ci95'][0]:.2f}, {speed['ci95'][1]:.2f}] | "
+                   f"{', '.join(f'`{g}`' for g in a['minimality']['kept_for_objective']) or 'none'} |")
     return out
 
 
@@ -181,7 +292,8 @@ def render_batch_workers(runs: dict) -> list[str]:
 
 
 BLOCKS = {"fullsize": render_fullsize, "wan_step": render_wan, "devices": render_devices,
-          "batch_workers": render_batch_workers, "planted": render_planted}
+          "batch_workers": render_batch_workers, "planted": render_planted, "matrix": render_matrix,
+          "prefer": render_prefer}
 
 
 def render(runs_dir: Path = RUNS_DIR) -> dict[str, str]:
@@ -190,7 +302,7 @@ def render(runs_dir: Path = RUNS_DIR) -> dict[str, str]:
 
 
 def check(doc_path: Path = DOC, runs_dir: Path = RUNS_DIR) -> list[str]:
-    known = set(FULLSIZE) | set(DEVICES) | set(PLANTED) | {"wan_step.json", "batch_workers.json"}
+    known = set(FULLSIZE) | set(DEVICES) | set(PLANTED) | {"wan_step.json", "batch_workers.json", MATRIX, PREFER}
     problems = [f"results/runs/{p.name} is not declared in render_runs"
                 for p in sorted(runs_dir.glob("*.json")) if p.name not in known]
     found, marker_problems = blocks_in(doc_path.read_text(), MARKER)
