@@ -116,3 +116,18 @@ def test_a_run_with_lpips_writes_an_entry_derived_from_its_measurement(
     capsys.readouterr()
     assert main(["table", "--ci-entries", str(out)]) == 0
     assert parse_entry(capsys.readouterr().out) == fields
+
+
+@pytest.mark.parametrize("report", sorted((Path(__file__).resolve().parent.parent / "reports").glob("*/report.md")),
+                         ids=lambda p: p.parent.name)
+def test_the_committed_example_reports_carry_an_entry_upstreams_test_could_hold(report):
+    """Each example report shows the entry, in a python block after the quality-test line, and
+    it parses as upstream's QualityTestConfig with the recommendation.json's fields."""
+    text = report.read_text()
+    section = text[text.index("Entry for vLLM-Omni's FP8 quality test"):]
+    block = section[section.index("```python\n") + len("```python\n"):]
+    block = block[:block.index("```")]
+    values = parse_entry(block)
+    rec = json.loads((report.parent / "recommendation.json").read_text())
+    assert values == {k: v for k, v in rec["ci_entry"]["fields"].items()}
+    assert values["quantization"] == rec["quantization_config"]
