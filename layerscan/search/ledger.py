@@ -377,3 +377,15 @@ class TrialLedger:
             except (UserError, RuntimeError):
                 pass  # the configuration cannot produce images: the grid leaves it out
         return {i: found[i] for i in indices if i in found}
+
+    # --- another worker's records ---------------------------------------------------------------
+
+    def answers(self, record: TrialRecord) -> TrialRecord | None:
+        """``record`` (another worker's, read from a shared study) judged under today's criterion,
+        if it answers its configuration without rerunning, else None; nothing is recorded.
+
+        Complete and failed records always answer; a stopped one only while its prompts still
+        prove a failure under this criterion (``still_decides``).
+        """
+        self.judge(record)
+        return record if still_decides(record, self.image_count, self.criterion) else None

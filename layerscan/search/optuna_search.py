@@ -41,7 +41,7 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from layerscan.evaluate import TrialRecord, judge, still_decides
+from layerscan.evaluate import TrialRecord
 from layerscan.search.base import BudgetExhausted, SearchContext, Strategy
 
 PARAM_PREFIX = "bf16:"  # parameter names read "bf16:img_mlp" in optuna-dashboard
@@ -126,6 +126,20 @@ class Sharing:
 def bf16_params(patterns: list[str], kept) -> dict[str, bool]:
     """The trial parameters of the configuration that keeps ``kept`` of ``patterns`` in BF16."""
     return {PARAM_PREFIX + p: p in kept for p in patterns}
+
+
+# Optuna 5.0 has no public way to read or write a running trial's system attributes: ``Trial``
+# no longer has ``system_attrs``/``set_system_attr``, and the storage's public methods take the
+# trial's storage id, which ``Trial`` keeps only as the private ``_trial_id`` (its ``number`` is
+# not that id, and mapping one to the other needs the study's private ``_study_id``).  These two
+# are the only places that read it.
+def _system_attrs(trial: optuna.Trial) -> dict:
+    """The running trial's system attributes, as stored now."""
+    return trial.storage.get_trial_system_attrs(trial._trial_id)
+
+
+def _set_system_attr(trial: optuna.Trial, name: str, value) -> None:
+    trial.storage.set_trial_system_attr(trial._trial_id, name, value)
 
 
 def record_of(trial: FrozenTrial) -> dict | None:
@@ -251,7 +265,7 @@ class OptunaStrategy(Strategy):
                     or state.trials >= cap)
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
-            attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+            attrs = _system_attrs(trial)
             # A stale trial's retry: every other trial counted it in flight since the dead one
             # started, so its budget slot is held for it (see progress).
             retry = "failed_trial" in attrs
@@ -259,15 +273,12 @@ class OptunaStrategy(Strategy):
                 # It inherited the dead attempt's system attributes.  A record stored just before
                 # the worker died stays on the failed trial, and this retry reuses it below; a
                 # duplicate mark was that attempt's verdict, not this one's.
-                trial.storage.set_trial_system_attr(trial._trial_id, RECORD_ATTR, None)
-                trial.storage.set_trial_system_attr(trial._trial_id, DUPLICATE_ATTR, False)
+                _set_system_attr(trial, RECORD_ATTR, None)
+                _set_system_attr(trial, DUPLICATE_ATTR, False)
             kept = [g for g in ctx.groups
                     if trial.suggest_categorical(PARAM_PREFIX + g.pattern, [False, True])]
             key = config_key(g.pattern for g in kept)
-
-            def set_sys(name: str, value) -> None:
-                trial.storage.set_trial_system_attr(trial._trial_id, name, value)
-
+            set_sys = functools.partial(_set_system_attr, trial)
             set_sys(WORKER_ATTR, share.identity)
             set_sys(CONFIG_ATTR, key)
             trial.set_user_attr("worker", share.worker)
@@ -275,9 +286,8 @@ class OptunaStrategy(Strategy):
             trial.set_user_attr("ignored_layers", sorted(g.pattern for g in kept))
             verdict, other = self._claim(study, trial.number, key)
             if verdict == "recorded":
-                record = judge(TrialRecord.from_dict(record_of(other)), ctx.criterion)
-                if record.status != "stopped" or still_decides(
-                        record, ctx.ledger.image_count, ctx.criterion):
+                record = ctx.ledger.answers(TrialRecord.from_dict(record_of(other)))
+                if record is not None:
                     trial.set_user_attr("duplicate_of", other.number)
                     self._enqueue_neighbour(study, patterns, key, rng, budget)
                     return self._values(trial, record, ctx)
