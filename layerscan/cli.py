@@ -99,8 +99,21 @@ def _study(args: argparse.Namespace, **extra):
         print(f"using study {study_path}", file=sys.stderr)
     flags = _settings_given(args)
     values.update(check_settings(flags, as_flags=True))  # a bad flag is named as typed
+    _refuse_flags_every_setting_overrides(values.get("settings") or (), flags)
     values.update({k: v for k, v in extra.items() if v is not None})
     return build_study(values)
+
+
+def _refuse_flags_every_setting_overrides(settings, flags: dict) -> None:
+    """A flag such as --height would change nothing when every setting of the study's matrix
+    sets its own: said, rather than silently ignored."""
+    from layerscan.study import SETTING_KEYS, as_written
+
+    moot = [k for k in SETTING_KEYS if k in flags and k != "pipeline_kwargs"
+            and all(isinstance(s, dict) and k in s for s in settings)] if settings else []
+    if moot:
+        raise UserError(f"{', '.join(as_written(k, True) for k in moot)}: every [[settings]] table of "
+                        "this study sets its own; edit the study's settings instead")
 
 
 def _session(args, study):

@@ -359,7 +359,7 @@ def setting_names() -> set[str]:
     return set(_schema()) - {"criterion"}
 
 
-def _shown(key: str, as_flags: bool) -> str:
+def as_written(key: str, as_flags: bool) -> str:
     """A setting as the user wrote it: ``--timeout`` as a flag, ``criterion.mean`` in a file."""
     if as_flags:
         return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
@@ -431,12 +431,12 @@ def check_settings(values: dict, as_flags: bool = False) -> dict:
     ``as_flags`` the flag), the value and what is accepted.  The types are ``Study``'s field
     annotations, so a new field is checked the moment it is declared."""
     def setting(key: str, value) -> str:
-        return f"{_shown(key, as_flags)} {value}" if as_flags else f"setting {_shown(key, False)} = {value!r}"
+        return f"{as_written(key, as_flags)} {value}" if as_flags else f"setting {as_written(key, False)} = {value!r}"
 
     hints = _schema()
     unknown = set(values) - set(hints)
     if unknown:
-        names = sorted(_shown(k, as_flags) for k in unknown)
+        names = sorted(as_written(k, as_flags) for k in unknown)
         raise UserError(f"unknown study field(s): {', '.join(names)}")
     checked = {}
     for key, value in values.items():

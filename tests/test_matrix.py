@@ -135,3 +135,12 @@ def test_a_failure_that_shows_under_one_setting_decides_the_answer(tmp_path):
     alone = evaluate(session.engine, [], session.spec, session.baseline, session.scorer,
                      session.criterion)
     assert alone.status == "complete" and alone.passes
+
+
+def test_a_flag_every_setting_overrides_is_refused_not_ignored(capsys):
+    from layerscan.cli import main
+
+    assert main(["run", "--study", "tiny-qwen-image-resolution", "--height", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--height: every [[settings]] table of this study sets its own; "
+                            "edit the study's settings instead")
