@@ -371,7 +371,7 @@ class TrialLedger:
             try:
                 for i in missing:
                     _, prompt, seed = items[i]
-                    found[i] = generate_image(self.session.loaded, spec, prompt, seed)
+                    found[i] = generate_image(self.session.loaded, spec.part_of(i)[1], prompt, seed)
                     self.images.save(config, names[i], found[i])
                     self.report_generations += 1
             except (UserError, RuntimeError):
