@@ -26,16 +26,14 @@ from PIL import Image, ImageDraw
 from torchvision import transforms
 
 from layerscan.errors import UserError
+from layerscan.lpips_weights import LpipsWeightsMissing, check_lpips_weights, lpips_weights_path
 from layerscan.metrics import (
     LPIPS_MIN_SIDE,
     METRICS,
     PSNR_IDENTICAL_DB,
-    LpipsWeightsMissing,
     MetricSummary,
     Scorer,
-    check_lpips_weights,
     lpips_image_input,
-    lpips_weights_path,
     resolve_metrics,
     summarize,
 )
@@ -252,12 +250,12 @@ def weights_server(alex_home: Path, tmp_path: Path):
 
 
 def test_lpips_weights_are_fetched_on_first_use(weights_server, empty_home, monkeypatch) -> None:
-    import layerscan.metrics as metrics
+    import layerscan.lpips_weights as weights
 
     base, prefix = weights_server
-    monkeypatch.delenv(metrics.OFFLINE_ENV)
+    monkeypatch.delenv(weights.OFFLINE_ENV)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(metrics, "lpips_weights_url", lambda net: f"{base}/alexnet-owt-{prefix}.pth")
+    monkeypatch.setattr(weights, "lpips_weights_url", lambda net: f"{base}/alexnet-owt-{prefix}.pth")
     path = lpips_weights_path("alex")
     assert path == empty_home / "hub" / "checkpoints" / f"alexnet-owt-{prefix}.pth"
     assert not path.exists()
@@ -272,12 +270,12 @@ def test_a_download_that_fails_or_mismatches_its_hash_leaves_nothing(
         weights_server, empty_home, monkeypatch) -> None:
     import socket
 
-    import layerscan.metrics as metrics
+    import layerscan.lpips_weights as weights
 
     base, _ = weights_server
-    monkeypatch.delenv(metrics.OFFLINE_ENV)
+    monkeypatch.delenv(weights.OFFLINE_ENV)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(metrics, "lpips_weights_url", lambda net: f"{base}/alexnet-owt-00000000.pth")
+    monkeypatch.setattr(weights, "lpips_weights_url", lambda net: f"{base}/alexnet-owt-00000000.pth")
     with pytest.raises(LpipsWeightsMissing, match="does not start with 00000000"):
         check_lpips_weights()
     checkpoints = empty_home / "hub" / "checkpoints"
@@ -285,7 +283,7 @@ def test_a_download_that_fails_or_mismatches_its_hash_leaves_nothing(
     with socket.socket() as closed:  # a port nobody listens on: the connection is refused
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    monkeypatch.setattr(metrics, "lpips_weights_url", lambda net: f"http://127.0.0.1:{port}/alexnet-owt-7be5be79.pth")
+    monkeypatch.setattr(weights, "lpips_weights_url", lambda net: f"http://127.0.0.1:{port}/alexnet-owt-7be5be79.pth")
     with pytest.raises(LpipsWeightsMissing, match="downloading it failed") as info:
         check_lpips_weights()
     assert "--metrics ssim,psnr --criterion-metric psnr" in str(info.value)

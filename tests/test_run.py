@@ -202,7 +202,7 @@ def test_a_criterion_metric_flag_brings_its_own_thresholds():
 def test_the_missing_lpips_advice_works_as_printed(planted_dir, tmp_path, monkeypatch, capsys, two_prompts):
     """Without LPIPS weights the error names flags to continue with; run exactly those.  The
     model has no shipped study: metrics and criterion are the defaults (LPIPS)."""
-    from layerscan.metrics import WITHOUT_LPIPS_ADVICE
+    from layerscan.lpips_weights import WITHOUT_LPIPS_ADVICE
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     base = ["eval", "--model", str(planted_dir), "--prompts", str(two_prompts), "--steps", "2",
