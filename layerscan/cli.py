@@ -151,7 +151,7 @@ def cmd_layers(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from layerscan.evaluate import evaluate
+    from layerscan.evaluate import evaluate, setting_verdicts, worst_setting
     from layerscan.report.plots import format_bytes
 
     from layerscan.pipeline import check_device
@@ -176,13 +176,23 @@ def cmd_eval(args) -> int:
         print(f"{metric:<9} {record.mean[metric]:>10.4f} {f'[{low:.4f}, {high:.4f}]':>21} "
               f"{record.worst[metric]:>10.4f} {floor.mean[metric]:>11.4f} {floor.worst[metric]:>12.4f}")
     print(f"criterion ({session.criterion.describe()}): {'pass' if record.passes else 'FAIL'}")
+    data = record.to_dict()
+    if session.spec.settings:  # a matrix: the verdict under each setting, which decides
+        crit, names = session.criterion, session.spec.setting_names()
+        data["per_setting"] = setting_verdicts(record, crit, names)
+        for verdict in data["per_setting"]:
+            print(f"  setting {verdict['setting']:<12} {crit.metric} mean {verdict['mean']:.4f} "
+                  f"(bound {verdict['bound']:.4f}), worst {verdict['worst']:.4f}: "
+                  f"{'pass' if verdict['passes'] else 'FAIL'}")
+        data["worst_setting"] = worst_setting(record, crit, names)
+        print(f"  worst setting: {data['worst_setting']}")
     for component, size in record.weight_bytes.items():
         print(f"weights {component:<14} {format_bytes(size):>12}")
     print(f"weights {'total':<14} {format_bytes(record.total_weight_bytes):>12}")
     if record.peak_memory_bytes is not None:
         print(f"peak GPU memory        {format_bytes(record.peak_memory_bytes):>12}")
     print(f"seconds per image      {record.seconds_per_image:>12.3f} ({record.execution_mode})")
-    (out / "eval.json").write_text(json.dumps(record.to_dict(), indent=1))
+    (out / "eval.json").write_text(json.dumps(data, indent=1))
     print(f"images and eval.json in {out}")
     return 0
 

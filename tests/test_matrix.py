@@ -144,3 +144,17 @@ def test_a_flag_every_setting_overrides_is_refused_not_ignored(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("--height: every [[settings]] table of this study sets its own; "
                             "edit the study's settings instead")
+
+
+def test_eval_under_a_matrix_says_each_settings_verdict(tmp_path, capsys):
+    import json
+
+    from layerscan.cli import main
+
+    assert main(["eval", "--study", "tiny-qwen-image-resolution", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "  setting 32px " in out and "  setting 128px " in out and "  worst setting: 32px" in out
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert [v["setting"] for v in data["per_setting"]] == ["32px", "128px"]
+    assert not data["per_setting"][0]["passes"] and data["per_setting"][1]["passes"]
+    assert data["passes"] is False and data["worst_setting"] == "32px"
