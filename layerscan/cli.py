@@ -116,11 +116,12 @@ def _refuse_flags_every_setting_overrides(settings, flags: dict) -> None:
                         "this study sets its own; edit the study's settings instead")
 
 
-def _session(args, study):
+def _session(args, study, check_loaded=None):
     from layerscan.session import open_session
 
     return open_session(study, args.device, args.cache_dir, args.trust_remote_code,
-                        args.allow_missing_lpips, warn=lambda m: print(m, file=sys.stderr))
+                        args.allow_missing_lpips, warn=lambda m: print(m, file=sys.stderr),
+                        check_loaded=check_loaded)
 
 
 def cmd_layers(args) -> int:
@@ -160,10 +161,8 @@ def cmd_eval(args) -> int:
     study = _study(args)
     check_device(args.device)
     out = prepare_dir(args.out or Path("reports") / study.slug / "eval")
-    session = _session(args, study)
     config = None if args.bf16 else list(args.ignore or [])
-    if config:
-        session.loaded.index.validate(config)
+    session = _session(args, study, check_loaded=lambda loaded: config and loaded.index.validate(config))
     record = evaluate(session.engine, config, session.spec, session.baseline, session.scorer,
                       session.criterion, image_dir=out / "images")
     print(f"configuration: {record.label}   device: {record.device}   status: {record.status}")

@@ -106,9 +106,13 @@ def open_session(
     allow_missing_lpips: bool = False,
     warn=print,
     loaded: LoadedPipeline | None = None,
+    check_loaded=None,
 ) -> Session:
     """Validate inputs cheaply first (model reference, prompts, metrics), then load, quantize,
     generate (or load) the BF16 baseline with its noise-floor variants and measure the floor.
+
+    ``check_loaded``: called with the loaded pipeline before the baseline, for checks that need
+    its layers (a pattern that matches none is refused before minutes of generation, not after).
 
     ``loaded``: a pipeline already in memory (benchmarks build full-size ones from configs
     with random weights, which never touch a disk); ``study.model`` then only names it.
@@ -132,6 +136,8 @@ def open_session(
                                revision=study.revision, profile=study.profile, target=study.target,
                                components=study.components, match=study.layer_match,
                                cache_root=cache_root)
+    if check_loaded is not None:
+        check_loaded(loaded)
     metrics = output_metrics(metrics, loaded)
     scorer = Scorer(metrics, study.lpips_net, str(loaded.device), video=loaded.video)
     engine = Fp8Engine(loaded, study.activation_scheme)

@@ -232,3 +232,15 @@ def test_the_settings_schema_agrees_with_what_runs():
     for name in ("strategy", "granularity", "text_encoder_granularity", "layer_match", "lpips_net",
                  "activation_scheme", "prefer"):
         assert offered[name] == choices(name), name
+
+
+def test_an_eval_pattern_that_matches_no_layer_is_refused_before_the_baseline(tmp_path, capsys, monkeypatch):
+    """The pattern needs the loaded layers, but not the baseline: refused in between."""
+    def no_baseline(*args, **kwargs):
+        raise AssertionError("the baseline was built before the pattern was checked")
+
+    monkeypatch.setattr(session_module, "load_or_build_baseline", no_baseline)
+    assert main(["eval", "--model", "tiny-qwen-image", "--ignore", "no_such_family",
+                 "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "no_such_family" in err[-1]
