@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     pipe = build_pipeline(device, args.smoke)
     if args.plant:
-        from layerscan.tiny import plant_massive_activation
+        from layerscan.plant import plant_massive_activation
 
         with torch.no_grad():
             plant_massive_activation(pipe, "img_mlp")

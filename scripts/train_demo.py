@@ -465,13 +465,13 @@ def plant_saved(args, out: Path, device) -> int:
     Trained at this size, the model's own FP8 sensitivity is at the level of its noise floor
     (per-family effects of about 1 dB on the H200), so a search would chase noise.  Real DiTs
     carry a few channels thousands of times larger than the rest; this plants one such channel
-    (``layerscan.tiny.plant_massive_activation``: the modulation scales the channel up, the
+    (``layerscan.plant.plant_massive_activation``: the modulation scales the channel up, the
     family's first Linear scales it back, in BF16 up to the rounding of one bias per block), so
     FP8's per-tensor activation scale erases the ordinary channels there, on every device alike.
     """
     from diffusers import DiffusionPipeline
 
-    from layerscan.tiny import plant_massive_activation
+    from layerscan.plant import plant_massive_activation
 
     path = out / "training.json"
     record = json.loads(path.read_text()) if path.is_file() else {}

@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline, FluxPipeline, QwenImagePipeline, WanPipeline, ZImagePipeline
 from safetensors import safe_open
 
-from layerscan import fp8, tiny
+from layerscan import fp8, plant, tiny
 from layerscan.errors import UserError
 
 QWEN, FLUX, ZIMAGE, WAN = "tiny-qwen-image", "tiny-flux", "tiny-z-image", "tiny-wan2.2"
@@ -203,8 +203,8 @@ def test_planted_channel_is_massive_but_bf16_output_holds(family: str, loaded: d
     transformer = loaded[QWEN].transformer
     planted = copy.deepcopy(transformer)
     magnitude, channel, blocks = 1e5, 3, [0, 2]
-    tiny.plant_massive_activation(planted, family, blocks=blocks, magnitude=magnitude, channel=channel,
-                                  branch_gain=1.0)
+    plant.plant_massive_activation(planted, family, blocks=blocks, magnitude=magnitude, channel=channel,
+                                   branch_gain=1.0)
 
     out, acts = run_capturing(transformer, family)
     out_planted, acts_planted = run_capturing(planted, family)
@@ -230,7 +230,7 @@ def test_save_planted_round_trips_and_generates_close_image(
     path = tiny.save_planted(QWEN, "img_mlp", [1], tmp_path / "planted", branch_gain=1.0)
     pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16)
     expected = copy.deepcopy(loaded[QWEN].transformer)
-    tiny.plant_massive_activation(expected, "img_mlp", [1], branch_gain=1.0)
+    plant.plant_massive_activation(expected, "img_mlp", [1], branch_gain=1.0)
     got = pipe.transformer.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
     key = "transformer_blocks.1.img_mod.1.bias"
@@ -243,14 +243,14 @@ def test_save_planted_round_trips_and_generates_close_image(
 
 def test_plant_rejects_what_it_cannot_do(loaded: dict[str, DiffusionPipeline]) -> None:
     with pytest.raises(UserError, match="QwenImageTransformer2DModel"):
-        tiny.plant_massive_activation(loaded[FLUX], "img_mlp")
+        plant.plant_massive_activation(loaded[FLUX], "img_mlp")
     planted = copy.deepcopy(loaded[QWEN].transformer)
     with pytest.raises(UserError, match="img_mlp, txt_mlp"):
-        tiny.plant_massive_activation(planted, "attn")
+        plant.plant_massive_activation(planted, "attn")
     with pytest.raises(UserError, match="out of range"):
-        tiny.plant_massive_activation(planted, "img_mlp", blocks=[4])
+        plant.plant_massive_activation(planted, "img_mlp", blocks=[4])
     with pytest.raises(UserError, match="out of range"):
-        tiny.plant_massive_activation(planted, "img_mlp", channel=64)
+        plant.plant_massive_activation(planted, "img_mlp", channel=64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def test_text_encoder_plant_keeps_bf16_and_concentrates_fp8_error(loaded: dict[s
     pipe = loaded[ZIMAGE]
     text_encoder = pipe.text_encoder
     planted = copy.deepcopy(text_encoder)
-    tiny.plant_text_encoder_activation(planted, 1)
+    plant.plant_text_encoder_activation(planted, 1)
 
     captured: list[torch.Tensor] = []
     hook = planted.layers[1].mlp.gate_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0].float()))
@@ -371,7 +371,7 @@ def test_text_encoder_plant_keeps_bf16_and_concentrates_fp8_error(loaded: dict[s
 def test_text_encoder_plant_in_qwen2_5_vl_attention_input(loaded: dict[str, DiffusionPipeline]) -> None:
     pipe = loaded[QWEN]
     planted = copy.deepcopy(pipe.text_encoder)
-    tiny.plant_text_encoder_activation(planted, 0, site="attn", channel=5)
+    plant.plant_text_encoder_activation(planted, 0, site="attn", channel=5)
     out = run_text_encoder(pipe, pipe.text_encoder, -1)
     assert torch.equal(run_text_encoder(pipe, planted, -1), out)
     layers = "model.language_model.layers.0.self_attn"
@@ -405,7 +405,7 @@ def wan_transformer_output(transformer: torch.nn.Module, timestep: float,
 def test_wan_plant_keeps_bf16_and_concentrates_fp8_error(expert: str, loaded: dict[str, DiffusionPipeline]) -> None:
     pipe = copy.deepcopy(loaded[WAN])
     reference = {e: copy.deepcopy(getattr(pipe, e)) for e in ("transformer", "transformer_2")}
-    tiny.plant_wan_activation(pipe, "ffn", expert=expert, channel=7)
+    plant.plant_wan_activation(pipe, "ffn", expert=expert, channel=7)
     other = "transformer_2" if expert == "transformer" else "transformer"
     untouched = reference[other].state_dict()
     assert all(torch.equal(v, untouched[k]) for k, v in getattr(pipe, other).state_dict().items())
@@ -439,7 +439,7 @@ def test_saved_planted_pipelines_round_trip_and_generate_the_same_output(
     path = tiny.save_planted_text_encoder(ZIMAGE, 0, tmp_path / "z", site="mlp")
     pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16)
     expected = copy.deepcopy(loaded[ZIMAGE].text_encoder)
-    tiny.plant_text_encoder_activation(expected, 0)
+    plant.plant_text_encoder_activation(expected, 0)
     got = pipe.text_encoder.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
     assert not torch.equal(got["layers.0.post_attention_layernorm.weight"],
@@ -461,24 +461,24 @@ def test_saved_planted_pipelines_round_trip_and_generate_the_same_output(
 def test_wan_and_text_encoder_plants_reject_what_they_cannot_do(loaded: dict[str, DiffusionPipeline]) -> None:
     wan = loaded[WAN]
     with pytest.raises(UserError, match="expert must be one of transformer, transformer_2"):
-        tiny.plant_wan_activation(wan, "ffn")
+        plant.plant_wan_activation(wan, "ffn")
     transformer = copy.deepcopy(wan.transformer)
     with pytest.raises(UserError, match="all blocks"):
-        tiny.plant_wan_activation(transformer, "ffn", blocks=[1])
+        plant.plant_wan_activation(transformer, "ffn", blocks=[1])
     with pytest.raises(UserError, match="supported: ffn"):
-        tiny.plant_wan_activation(transformer, "attn1")
+        plant.plant_wan_activation(transformer, "attn1")
     with pytest.raises(UserError, match="out of range"):
-        tiny.plant_wan_activation(transformer, "ffn", channel=64)
+        plant.plant_wan_activation(transformer, "ffn", channel=64)
     with pytest.raises(UserError, match="plant_wan_activation"):
-        tiny.plant_massive_activation(transformer, "img_mlp")
+        plant.plant_massive_activation(transformer, "img_mlp")
     with pytest.raises(UserError, match="not a Qwen-style text encoder"):
-        tiny.plant_text_encoder_activation(wan, 0)  # UMT5
+        plant.plant_text_encoder_activation(wan, 0)  # UMT5
     text_encoder = copy.deepcopy(loaded[ZIMAGE].text_encoder)
     with pytest.raises(UserError, match="4 decoder layers"):
-        tiny.plant_text_encoder_activation(text_encoder, 4)
+        plant.plant_text_encoder_activation(text_encoder, 4)
     with pytest.raises(UserError, match="supported: mlp, attn"):
-        tiny.plant_text_encoder_activation(text_encoder, 0, site="down_proj")
+        plant.plant_text_encoder_activation(text_encoder, 0, site="down_proj")
     with pytest.raises(UserError, match="out of range"):
-        tiny.plant_text_encoder_activation(text_encoder, 0, channel=32)
+        plant.plant_text_encoder_activation(text_encoder, 0, channel=32)
     with pytest.raises(UserError, match="positive finite"):
-        tiny.plant_text_encoder_activation(text_encoder, 0, magnitude=0.0)
+        plant.plant_text_encoder_activation(text_encoder, 0, magnitude=0.0)
