@@ -44,8 +44,11 @@ class TrialRecord:
     weight_bytes: dict[str, int] = field(default_factory=dict)
     bf16_kept_bytes: int = 0
     peak_memory_bytes: int | None = None
-    seconds_per_image: float | None = None  # median of image_seconds (when any)
+    # Median of image_seconds (when any); under a settings matrix the mean of each setting's
+    # median, so outputs of different sizes are never pooled into one median.
+    seconds_per_image: float | None = None
     image_seconds: list[float] = field(default_factory=list)  # each image that compiled nothing
+    image_settings: list[int] = field(default_factory=list)  # the setting of each (empty: all the first)
     execution_mode: str = "eager"
     residency: str = "both"  # DiT weights on the device: "both" copies or "requantize" on switch
     device: str = "cpu"
@@ -56,6 +59,14 @@ class TrialRecord:
     @property
     def label(self) -> str:
         return describe(self.config)
+
+    def seconds_by_setting(self) -> dict[int, list[float]]:
+        """The timed images' seconds, setting by setting."""
+        settings = self.image_settings or [0] * len(self.image_seconds)
+        out: dict[int, list[float]] = {}
+        for setting, seconds in zip(settings, self.image_seconds):
+            out.setdefault(setting, []).append(seconds)
+        return out
 
     @property
     def total_weight_bytes(self) -> int:
@@ -134,12 +145,19 @@ def reference_record(session) -> TrialRecord:
                          residency=session.engine.residency, execution_mode=execution_mode(session.loaded),
                          peak_memory_bytes=baseline.peak_memory_bytes,
                          seconds_per_image=baseline.seconds_per_image,
-                         image_seconds=list(baseline.image_seconds), strategy="reference")
+                         image_seconds=list(baseline.image_seconds),
+                         image_settings=list(baseline.image_settings), strategy="reference")
     record.per_prompt = [session.scorer.score_output(image, image, prompt)
                          for image, prompt in zip(baseline.images, prompts)]
     summarize_record(record)
     record.finished_at = baseline.created_at
     return judge(record, session.criterion)
+
+
+def seconds_per_output(by_setting: dict[int, list[float]]) -> float:
+    """Seconds per output: the median, or under a settings matrix the mean of each setting's
+    median (a setting's outputs may take twice another's: one pooled median would land between)."""
+    return float(np.mean([np.median(values) for values in by_setting.values()]))
 
 
 def execution_mode(loaded) -> str:
@@ -167,6 +185,11 @@ def failure_proven(per_prompt: list[dict[str, float]], total: int, criterion: Cr
     size = criterion.per_setting or total
     for start in range(0, len(values), size):  # each setting of a matrix must pass on its own
         chosen, outputs = values[start:start + size], min(size, total - start)
+        if len(chosen) == outputs:  # a setting complete: its verdict is judge's, already final
+            worst = max(chosen) if criterion.lower_is_better else min(chosen)
+            if not criterion.passes(one_sided_bound(chosen, criterion.lower_is_better), worst):
+                return True
+            continue
         bound = (math.fsum(chosen) + (outputs - len(chosen)) * best) / outputs
         if bound > limit + margin if criterion.lower_is_better else bound < limit - margin:
             return True
@@ -247,7 +270,7 @@ def evaluate(
     _peak_reset(loaded.device)
     try:
         for index, image, elapsed, compiled in iter_images(loaded, spec, start=len(record.per_prompt)):
-            seconds.append((elapsed, compiled))
+            seconds.append((elapsed, compiled, index // spec.per_setting))
             record.per_prompt.append(scorer.score_output(image, baseline.images[index], prompts[index]))
             if image_dir is not None:
                 save_png(image, image_dir / spec.image_name(index))
@@ -261,15 +284,19 @@ def evaluate(
         torch.cuda.empty_cache()
     except RuntimeError as exc:
         record.status, record.error = "failed", failure_message(exc)
-    record.peak_memory_bytes = _peak(loaded.device)
+    peaks = [p for p in (_peak(loaded.device), resume and resume.peak_memory_bytes) if p is not None]
+    record.peak_memory_bytes = max(peaks) if peaks else None  # a continued evaluation: both parts'
     # Images that compiled a graph are left out: their seconds are compilation, not FP8.
-    # Images that compiled a graph are left out of both: their seconds are compilation.
-    record.image_seconds = (list(resume.image_seconds) if resume is not None else []) + \
-        compile_free_seconds(seconds)
+    timings = [(elapsed, compiled) for elapsed, compiled, _ in seconds]
+    earlier = resume.seconds_by_setting() if resume is not None else {}
+    record.image_seconds = [s for setting in sorted(earlier) for s in earlier[setting]] + \
+        compile_free_seconds(timings)
+    record.image_settings = [setting for setting in sorted(earlier) for _ in earlier[setting]] + \
+        [setting for _, compiled, setting in seconds if not compiled]
     if record.image_seconds:
-        record.seconds_per_image = float(np.median(record.image_seconds))
+        record.seconds_per_image = seconds_per_output(record.seconds_by_setting())
     else:  # every image compiled something: the best there is
-        record.seconds_per_image = typical_seconds(seconds) if seconds else (
+        record.seconds_per_image = typical_seconds(timings) if timings else (
             resume.seconds_per_image if resume is not None else None)
     if record.per_prompt and record.status != "failed":
         summarize_record(record)

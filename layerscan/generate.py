@@ -257,14 +257,19 @@ def _decoder_dtype(vae) -> str | None:
 
 
 def baseline_key(loaded: LoadedPipeline, spec: GenerationSpec) -> str:
+    """Everything that changes the baseline's pixels, hashed.  A settings matrix's key is made of
+    its settings' keys (each with its input image's content), in order."""
     import diffusers
+
+    if spec.settings:
+        keys = [baseline_key(loaded, part) for part in spec.parts()]
+        return hashlib.sha256(json.dumps({"matrix": keys}).encode()).hexdigest()[:20]
 
     device = loaded.device.type
     if device == "cuda":
         device += ":" + torch.cuda.get_device_name(loaded.device)
     spec_fields = asdict(spec)
-    if not spec.settings:
-        del spec_fields["settings"]  # one setting: keyed as before matrices existed
+    del spec_fields["settings"]  # one setting (a matrix's are keyed above): keyed as ever
     fields = dict(format=BASELINE_FORMAT, model=loaded.model, content=loaded.fingerprint,
                   spec=spec_fields, dtype=str(loaded.dtype), device=device,
                   vae_decoder_dtype=_decoder_dtype(loaded.vae),
@@ -302,6 +307,7 @@ class Baseline:
     floor_images: dict[str, list[np.ndarray]] = field(default_factory=dict)  # variant -> images
     image_seconds: list[float] = field(default_factory=list)  # per output, compilation left out
     parts: list["Baseline"] = field(default_factory=list)  # a matrix's: one per setting (join_baselines)
+    image_settings: list[int] = field(default_factory=list)  # the setting of each image_seconds entry
 
 
 def join_baselines(parts: list[Baseline]) -> Baseline:
@@ -311,13 +317,17 @@ def join_baselines(parts: list[Baseline]) -> Baseline:
     if len(parts) == 1:
         return parts[0]
     seconds = [s for part in parts for s in part.image_seconds]
+    by_setting = {k: part.image_seconds for k, part in enumerate(parts) if part.image_seconds}
     peaks = [part.peak_memory_bytes for part in parts if part.peak_memory_bytes is not None]
-    return Baseline([image for part in parts for image in part.images],
-                    float(np.median(seconds)) if seconds else parts[0].seconds_per_image,
+    # The mean of each setting's median, as every record's seconds_per_image under a matrix.
+    typical = float(np.mean([np.median(v) for v in by_setting.values()])) if by_setting else \
+        float(np.mean([part.seconds_per_image for part in parts]))
+    return Baseline([image for part in parts for image in part.images], typical,
                     max(peaks) if peaks else None, parts[0].directory,
                     cached=all(part.cached for part in parts),
                     created_at=max(part.created_at for part in parts), image_seconds=seconds,
-                    parts=list(parts))
+                    parts=list(parts),
+                    image_settings=[k for k, part in enumerate(parts) for _ in part.image_seconds])
 
 
 def bf16_ulp_away_from_zero(x: torch.Tensor) -> torch.Tensor:

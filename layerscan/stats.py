@@ -42,6 +42,7 @@ __all__ = [
     "one_sided_bound",
     "paired_difference_ci",
     "ratio_of_medians_ci",
+    "ratio_of_summed_medians_ci",
 ]
 
 DEFAULT_RESAMPLES = 2000
@@ -205,14 +206,31 @@ def ratio_of_medians_ci(
     measured on different images).  Medians, because one image that waited on something else
     should not move a speed-up.  Fewer than two values on either side give a collapsed interval.
     """
+    return ratio_of_summed_medians_ci([numerator], [denominator], level, resamples, seed)
+
+
+def ratio_of_summed_medians_ci(
+    numerators: Sequence[Sequence[float]],
+    denominators: Sequence[Sequence[float]],
+    level: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``ratio_of_medians_ci`` over strata (a settings matrix's settings, each timed on its own):
+    the sum of the numerator's per-stratum medians over the denominator's, every stratum
+    resampled within itself, so outputs of different sizes are never pooled into one median."""
     _check(level, resamples)
-    a, b = _sample(numerator, "numerator"), _sample(denominator, "denominator")
-    ratio = float(np.median(a) / np.median(b))
-    if a.size < 2 or b.size < 2:
+    a = [_sample(values, "numerator") for values in numerators]
+    b = [_sample(values, "denominator") for values in denominators]
+    ratio = float(sum(np.median(x) for x in a) / sum(np.median(y) for y in b))
+    if any(x.size < 2 for x in a + b):
         return ratio, ratio, ratio
     rng = np.random.default_rng(seed)
-    ratios = (np.median(a[rng.integers(0, a.size, (resamples, a.size))], axis=1)
-              / np.median(b[rng.integers(0, b.size, (resamples, b.size))], axis=1))
+
+    def summed(samples):
+        return sum(np.median(x[rng.integers(0, x.size, (resamples, x.size))], axis=1) for x in samples)
+
+    ratios = summed(a) / summed(b)
     tail = (1.0 - level) / 2.0
     low, high = _quantiles(ratios, [tail, 1.0 - tail])
     return ratio, low, high

@@ -212,6 +212,8 @@ class Study:
             raise UserError(f"unknown metric(s): {', '.join(sorted(unknown))}")
         if not self.seeds:
             raise UserError("at least one seed is needed")
+        if self.settings:
+            _check_resolved(self.generation_settings())
         for image in {self.image} | {s.get("image") for s in self.settings}:
             if image is not None and not Path(image).is_file():
                 raise UserError(f"input image not found: {image}")
@@ -252,10 +254,11 @@ def setting_cost(values: dict) -> float:
     return values["height"] * values["width"] * (frames if isinstance(frames, int) else 1) * values["steps"]
 
 
-def check_matrix(entries: tuple[dict, ...]) -> None:
-    """Each [[settings]] table: known keys with values of their study field's type, a name
-    usable in a file name, and no two settings alike."""
-    names, seen = set(), set()
+def check_matrix(entries: tuple[dict, ...]) -> tuple[dict, ...]:
+    """Each [[settings]] table: known keys with values of their study field's type (returned
+    converted, as the study's own: guidance 4 is 4.0), and a name usable in a file name.  That
+    no two settings are alike is checked once they are resolved (``Study.validate``)."""
+    converted = []
     for number, entry in enumerate(entries, 1):
         where = f"[[settings]] #{number}"
         unknown = set(entry) - set(SETTING_KEYS) - {"name"}
@@ -269,13 +272,22 @@ def check_matrix(entries: tuple[dict, ...]) -> None:
         name = entry.get("name")
         if name is not None and not (isinstance(name, str) and _SETTING_NAME.match(name)):
             raise UserError(f"{where}: name {name!r} must be letters, digits, '.' or '-'")
-        if name is not None and name in names:
-            raise UserError(f"{where}: two settings are named {name!r}")
-        names.add(name)
-        key = repr(sorted(checked.items()))
+        converted.append(checked | ({"name": name} if name is not None else {}))
+    return tuple(converted)
+
+
+def _check_resolved(settings: list[dict]) -> None:
+    """No two settings of a matrix alike or alike in name (outputs are filed by name)."""
+    names, seen = set(), {}
+    for values in settings:
+        key = repr(sorted((k, v) for k, v in values.items() if k != "name"))
         if key in seen:
-            raise UserError(f"{where} repeats an earlier setting")
-        seen.add(key)
+            raise UserError(f"[[settings]] {values['name']!r} and {seen[key]!r} are the same setting")
+        seen[key] = values["name"]
+        if values["name"] in names:
+            raise UserError(f"two [[settings]] are named {values['name']!r}: name them apart "
+                            "(name = \"...\")")
+        names.add(values["name"])
 
 
 def slugify(text: str) -> str:
@@ -453,7 +465,7 @@ def check_settings(values: dict, as_flags: bool = False) -> dict:
         if checked.get(key) is not None and checked[key] < 0:
             raise UserError(f"{setting(key, checked[key])}: expected a number of at least 0")
     if "settings" in checked:
-        check_matrix(checked["settings"])
+        checked["settings"] = check_matrix(checked["settings"])
     for seed in checked.get("seeds", ()):
         if not 0 <= seed < 2 ** 63:  # what torch.Generator.manual_seed takes without wrapping
             raise UserError(f"{setting('seeds', list(checked['seeds']))}: {seed} is not a seed "

@@ -28,6 +28,8 @@ def test_settings_are_resolved_from_the_study_and_ordered_cheapest_first():
     assert settings[0]["pipeline_kwargs"] == {"max_sequence_length": 64, "num_frames": 5}
     assert settings[1] == dict(name="large", steps=4, height=64, width=64, guidance=4.0, image=None,
                                pipeline_kwargs={"max_sequence_length": 64})
+    # Values are converted as the study's own, so a setting keys its baseline like a study would.
+    assert _study(settings=[{"guidance": 4}, {"steps": 2}]).settings[0]["guidance"] == 4.0
 
 
 def test_a_matrix_spec_generates_every_prompt_and_seed_under_each_setting():
@@ -55,8 +57,10 @@ def test_one_setting_keeps_the_names_and_cache_keys_it_always_had():
     ([{"steps": "many"}], "[[settings]] #1: setting steps = 'many': expected a whole number"),
     ([{"height": 0}], "[[settings]] #1: setting height = 0: expected a number above 0"),
     ([{"name": "a b"}], "name 'a b' must be letters, digits"),
-    ([{"name": "a"}, {"name": "a", "steps": 2}], "[[settings]] #2: two settings are named 'a'"),
-    ([{"steps": 2}, {"steps": 2}], "[[settings]] #2 repeats an earlier setting"),
+    ([{"name": "a"}, {"name": "a", "steps": 2}], "two [[settings]] are named 'a'"),
+    ([{"steps": 2}, {"steps": 2}], "[[settings]] '32x32-2steps' and '32x32-2steps' are the same setting"),
+    ([{"height": 32}, {}], "are the same setting"),  # the study's own height is 32
+    ([{"guidance": 1.0}, {"guidance": 2.0}], "two [[settings]] are named '32x32-4steps': name them apart"),
     ([{"image": "/nonexistent.png"}], "input image not found: /nonexistent.png"),
 ])
 def test_a_bad_setting_is_named_in_one_line(settings, message):
@@ -97,6 +101,12 @@ def test_early_stopping_proves_a_failure_within_one_setting():
     assert not failure_proven(done, 8, PSNR)
     # Part of a setting: the rest of that setting alone could still pass it.
     assert not failure_proven([{"psnr": 27.0}], 8, dataclasses.replace(PSNR, per_setting=4))
+    # A complete setting whose mean meets 30 but whose pessimistic bound does not fails as judge
+    # would fail it: the costlier setting is not generated for it.
+    spread = [{"psnr": v} for v in (40.0, 26.0, 26.0, 30.0)]
+    assert failure_proven(spread, 8, dataclasses.replace(PSNR, per_setting=4))
+    assert not judge(_record([40.0, 26.0, 26.0, 30.0, 40.0, 40.0, 40.0, 40.0]),
+                     dataclasses.replace(PSNR, per_setting=4)).passes
 
 
 def test_a_failure_that_shows_under_one_setting_decides_the_answer(tmp_path):

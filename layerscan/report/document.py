@@ -25,7 +25,7 @@ from layerscan.report.proxy_section import report_section as proxy_report_sectio
 from layerscan.report.table import HEADERS, column_keys, render_row, table_row
 from layerscan.runner import RunOutcome
 from layerscan.session import Session
-from layerscan.stats import bootstrap_ci, paired_difference_ci, ratio_of_medians_ci
+from layerscan.stats import bootstrap_ci, paired_difference_ci, ratio_of_summed_medians_ci
 from layerscan.workers import redact_url as _redact  # storage URLs without passwords
 
 GRID_PROMPTS = 4  # image grid rows: the first few images keep the report readable
@@ -86,10 +86,13 @@ def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended,
 
 def _outputs_text(session: Session) -> str:
     """``8 images``, or ``8 videos of 81 frames`` (the count the pipeline returned)."""
-    count = len(session.spec.items())
+    spec = session.spec
+    count = len(spec.items())
     if not session.loaded.video:
         return f"{count} images"
-    return f"{count} videos of {session.baseline.images[0].shape[0]} frames"
+    frames = sorted({session.baseline.images[k * spec.per_setting].shape[0]
+                     for k in range(len(spec.settings) or 1)})
+    return f"{count} videos of {' or '.join(map(str, frames))} frames"
 
 
 def display_name(session: Session) -> str:
@@ -186,7 +189,7 @@ def quality_test_entry(session: Session, rec: TrialRecord | None, final: bool) -
     frames = dict(spec.extra).get("num_frames")
     return build_entry(
         model=session.study.model, quantization=paste, video=loaded.video,
-        edit=session.study.image is not None, prompt=spec.prompts[0], seed=spec.seeds[0],
+        edit=spec.image is not None, prompt=spec.prompts[0], seed=spec.seeds[0],
         steps=spec.steps, height=spec.height, width=spec.width, guidance=spec.guidance,
         num_frames=frames, lpips_ci_high=lpips_ci[1] if lpips_ci else None, lpips_first=first,
         lpips_floor=floor.worst.get("lpips") if floor else None,
@@ -331,12 +334,19 @@ def _ms_difference(rec: TrialRecord, other: TrialRecord) -> str:
 
 def speedup_over_bf16(reference: TrialRecord, rec: TrialRecord | None) -> dict | None:
     """BF16's median seconds per image over the recommendation's, with a 95 % bootstrap
-    interval over the images timed (compilation left out)."""
+    interval over the images timed (compilation left out).  Under a settings matrix: the sum of
+    each setting's medians (one prompt through every setting), each setting resampled on its own,
+    over the settings both have timed."""
     if rec is None or not reference.image_seconds or not rec.image_seconds:
         return None
-    ratio, low, high = ratio_of_medians_ci(reference.image_seconds, rec.image_seconds)
-    return {"median_ratio": ratio, "ci95": [low, high], "bf16_images": len(reference.image_seconds),
-            "fp8_images": len(rec.image_seconds), "execution_mode": rec.execution_mode,
+    bf16, fp8 = reference.seconds_by_setting(), rec.seconds_by_setting()
+    settings = sorted(set(bf16) & set(fp8))
+    if not settings:
+        return None
+    ratio, low, high = ratio_of_summed_medians_ci([bf16[k] for k in settings], [fp8[k] for k in settings])
+    return {"median_ratio": ratio, "ci95": [low, high],
+            "bf16_images": sum(len(bf16[k]) for k in settings),
+            "fp8_images": sum(len(fp8[k]) for k in settings), "execution_mode": rec.execution_mode,
             "device": rec.device}
 
 
