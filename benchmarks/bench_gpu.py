@@ -259,7 +259,7 @@ def bench_overhead(args, device, step_s: float | None) -> dict:
 
     from layerscan.evaluate import TrialRecord
     from layerscan.metrics import Scorer
-    from layerscan.store import TrialStore
+    from layerscan.search.store import TrialStore
 
     rng = np.random.default_rng(0)
     side = 64 if args.smoke else 1024

@@ -168,7 +168,8 @@ class _Helper:
 
 def serve(args) -> int:
     """``layerscan serve``: a helper of one run's evaluation pool (see the module docstring)."""
-    from layerscan.search.ledger import TrialImages, evaluate_configuration
+    from layerscan.search.ledger import evaluate_configuration
+    from layerscan.search.store import TrialImages
     from layerscan.session import open_session
     from layerscan.study import build_study
 
