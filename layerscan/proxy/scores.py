@@ -57,7 +57,11 @@ class Proxies:
 
     @property
     def full_evaluation_calls(self) -> int:
-        return self.trajectory.full_evaluation_calls
+        """DiT calls of one full evaluation: the recorded setting's, and under a settings matrix
+        every setting's (calls scale with steps; a larger setting's calls cost more, which a
+        count of calls does not say)."""
+        parts = self.session.spec.parts()
+        return round(self.trajectory.full_evaluation_calls * sum(p.steps for p in parts) / parts[0].steps)
 
     def _read_scores(self) -> dict:
         try:
@@ -209,5 +213,5 @@ class Proxies:
         traj = self.trajectory
         return dict(samples=len(traj.samples), calls_per_image=traj.calls_per_image,
                     images=traj.images, steps=traj.steps,
-                    full_evaluation_calls=traj.full_evaluation_calls, record_calls=traj.record_calls,
-                    **self.cost.as_dict(traj.full_evaluation_calls))
+                    full_evaluation_calls=self.full_evaluation_calls, record_calls=traj.record_calls,
+                    **self.cost.as_dict(self.full_evaluation_calls))

@@ -94,8 +94,11 @@ def report_section(notes: dict, records, criterion) -> list[str]:
                 "criterion there is no group to rank.", ""] + decisions
     out = ["## Proxy sensitivity", "",
            f"Strategy `auto` replayed {cost['samples']} recorded BF16 DiT call(s) (of "
-           f"{cost['full_evaluation_calls']} per full evaluation: {cost['images']} image(s) × "
-           f"{cost['calls_per_image']} calls) instead of generating images. Layer-local: relative "
+           f"{cost['full_evaluation_calls']} per full evaluation: "
+           + ("" if cost["full_evaluation_calls"] == cost["images"] * cost["calls_per_image"]
+              else "over every setting; recorded at the first, ")
+           + f"{cost['images']} image(s) × {cost['calls_per_image']} calls) instead of generating "
+           "images. Layer-local: relative "
            "FP8 error of every quantizable layer on its BF16 input (higher = more sensitive); "
            "end-to-end: relative DiT output error with that group alone in BF16 and the rest in "
            "FP8 (lower = keeping it helps more); full: "
