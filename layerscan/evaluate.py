@@ -110,12 +110,13 @@ def setting_verdicts(record: TrialRecord, criterion: Criterion,
     metric, verdicts = criterion.metric, []
     values = [p.get(metric, math.nan) for p in record.per_prompt]
     for number, part in enumerate(criterion.slices(len(values))):
-        chosen = [values[i] for i in part]
+        chosen, mine = [values[i] for i in part], criterion.for_setting(number)
         worst = max(chosen) if criterion.lower_is_better else min(chosen)
         bound = one_sided_bound(chosen, criterion.lower_is_better)
         verdicts.append(dict(setting=names[number] if names else "", mean=float(np.mean(chosen)),
                              bound=bound, worst=worst, outputs=len(chosen),
-                             passes=bool(criterion.passes(bound, worst))))
+                             mean_limit=mine.mean_limit, worst_limit=mine.worst_limit,
+                             passes=bool(mine.passes(bound, worst))))
     return verdicts
 
 
@@ -175,21 +176,23 @@ def failure_proven(per_prompt: list[dict[str, float]], total: int, criterion: Cr
     values = [p.get(criterion.metric, math.nan) for p in per_prompt]
     if not values:
         return False
-    if any(math.isnan(v) or not criterion.meets(v, criterion.worst_limit) for v in values):
+    size = criterion.per_setting or total
+    # Each setting of a matrix must pass on its own, against its own limits.
+    chunks = [(criterion.for_setting(start // size), values[start:start + size], min(size, total - start))
+              for start in range(0, len(values), size)]
+    if any(math.isnan(v) or not mine.meets(v, mine.worst_limit) for mine, chosen, _ in chunks for v in chosen):
         return True
     best = METRICS[criterion.metric].best  # what a prompt not yet generated could still reach
     if len(values) >= total:
         return False
-    limit = criterion.mean_limit
-    margin = 1e-9 * max(1.0, abs(limit))  # never stop on a rounding-level difference
-    size = criterion.per_setting or total
-    for start in range(0, len(values), size):  # each setting of a matrix must pass on its own
-        chosen, outputs = values[start:start + size], min(size, total - start)
+    for mine, chosen, outputs in chunks:
         if len(chosen) == outputs:  # a setting complete: its verdict is judge's, already final
             worst = max(chosen) if criterion.lower_is_better else min(chosen)
-            if not criterion.passes(one_sided_bound(chosen, criterion.lower_is_better), worst):
+            if not mine.passes(one_sided_bound(chosen, criterion.lower_is_better), worst):
                 return True
             continue
+        limit = mine.mean_limit
+        margin = 1e-9 * max(1.0, abs(limit))  # never stop on a rounding-level difference
         bound = (math.fsum(chosen) + (outputs - len(chosen)) * best) / outputs
         if bound > limit + margin if criterion.lower_is_better else bound < limit - margin:
             return True

@@ -14,7 +14,7 @@ and not counted.  When no variant changed anything, the floor is that of identic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,12 +27,18 @@ class NoiseFloor:
     mean: dict[str, float]  # per metric: the worse of the counted variants' means
     worst: dict[str, float]  # per metric: the worse of the counted variants' worst images
     identical: tuple[str, ...] = ()  # variants whose outputs equal the baseline's bit for bit
+    # A settings matrix's floor under each setting on its own: {"mean": {...}, "worst": {...}}
+    # (empty without a matrix); each setting's relative thresholds resolve against its own.
+    settings: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "worst": self.worst, "identical_variants": list(self.identical),
+        data = {"mean": self.mean, "worst": self.worst, "identical_variants": list(self.identical),
                 "variants": {v: {"mean": d["mean"], "worst": d["worst"],
                                  "counted": v not in self.identical}
                              for v, d in self.variants.items()}}
+        if self.settings:
+            data["settings"] = self.settings
+        return data
 
 
 def _worse(metric: str, values: list[float]) -> float:
@@ -49,21 +55,38 @@ def measure_floor(scorer: Scorer, baseline, prompts: list[str]) -> NoiseFloor:
     parts = baseline.parts or [baseline]
     starts = np.cumsum([0] + [len(part.images) for part in parts])
     variants, identical = {}, []
+    by_setting: list[dict[str, tuple[list, bool]]] = [{} for _ in parts]  # variant -> (scores, same)
     for name in parts[0].floor_images:
         changed, unchanged = [], []
-        for part, start in zip(parts, starts):
+        for number, (part, start) in enumerate(zip(parts, starts)):
             images = part.floor_images[name]
             scores = [scorer.score_output(image, reference, prompt) for image, reference, prompt
                       in zip(images, part.images, prompts[start:start + len(part.images)])]
             same = all(np.array_equal(a, b) for a, b in zip(images, part.images))
             (unchanged if same else changed).extend(scores)
+            by_setting[number][name] = (scores, same)
         per_prompt = changed or unchanged
         summary = summarize(per_prompt)
         variants[name] = {"mean": summary.mean, "worst": summary.worst, "per_prompt": per_prompt}
         if not changed:
             identical.append(name)
-    counted = [v for name, v in variants.items() if name not in identical] or list(variants.values())
     metrics = list(scorer.metrics)
-    mean = {m: _worse(m, [v["mean"][m] for v in counted]) for m in metrics} if counted else {}
-    worst = {m: _worse(m, [v["worst"][m] for v in counted]) for m in metrics} if counted else {}
-    return NoiseFloor(variants, mean, worst, tuple(identical))
+    counted = [v for name, v in variants.items() if name not in identical] or list(variants.values())
+    mean, worst = _worst_of(counted, metrics)
+    settings = []
+    if len(parts) > 1:
+        for scored in by_setting:  # the variants that changed something under this setting
+            summaries = [summarize(scores) for scores, same in scored.values() if not same] or \
+                [summarize(scores) for scores, _ in scored.values()]
+            setting_mean, setting_worst = _worst_of(
+                [{"mean": s.mean, "worst": s.worst} for s in summaries], metrics)
+            settings.append({"mean": setting_mean, "worst": setting_worst})
+    return NoiseFloor(variants, mean, worst, tuple(identical), settings)
+
+
+def _worst_of(variants: list[dict], metrics: list[str]) -> tuple[dict, dict]:
+    """Per metric, the worse of the variants' means and of their worst outputs."""
+    if not variants:
+        return {}, {}
+    return ({m: _worse(m, [v["mean"][m] for v in variants]) for m in metrics},
+            {m: _worse(m, [v["worst"][m] for v in variants]) for m in metrics})

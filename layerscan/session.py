@@ -166,5 +166,7 @@ def open_session(
     crit = study.criterion
     session.criterion = dataclasses.replace(
         crit.resolve(session.floor.mean.get(crit.metric), session.floor.worst.get(crit.metric)),
-        per_setting=spec.per_setting if spec.settings else 0)
+        per_setting=spec.per_setting if spec.settings else 0,
+        setting_floors=tuple((f["mean"].get(crit.metric), f["worst"].get(crit.metric))
+                             for f in session.floor.settings))
     return session

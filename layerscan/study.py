@@ -92,8 +92,10 @@ class Criterion:
     floor_mean: float | None = None  # the noise floor's statistics, once measured
     floor_worst: float | None = None
     # A settings matrix's outputs come setting after setting, this many each (0: one setting);
-    # the pass rule then holds under every setting on its own (``slices``).
+    # the pass rule then holds under every setting on its own (``slices``, ``for_setting``),
+    # floor-relative thresholds against each setting's own floor (mean, worst).
     per_setting: int = 0
+    setting_floors: tuple[tuple[float | None, float | None], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", Threshold.parse(self.mean))
@@ -114,6 +116,14 @@ class Criterion:
     def resolve(self, floor_mean: float | None, floor_worst: float | None) -> "Criterion":
         return dataclasses.replace(self, floor_mean=floor_mean, floor_worst=floor_worst)
 
+    def for_setting(self, number: int) -> "Criterion":
+        """The criterion one setting of a matrix is judged by: its own floor where it has one."""
+        if not self.setting_floors:
+            return self
+        floor_mean, floor_worst = self.setting_floors[number]
+        return dataclasses.replace(self, floor_mean=floor_mean, floor_worst=floor_worst,
+                                   per_setting=0, setting_floors=())
+
     def slices(self, count: int) -> list[range]:
         """The outputs of each setting among ``count`` (one range without a matrix)."""
         size = self.per_setting or max(count, 1)
@@ -131,6 +141,10 @@ class Criterion:
 
     def describe(self) -> str:
         op = "<=" if self.lower_is_better else ">="
+        if self.setting_floors and (self.mean.relative or self.worst.relative):
+            # Each setting resolves the thresholds against its own floor: no one number holds.
+            return (f"{self.metric} mean {op} {self.mean} and worst {op} {self.worst} under every "
+                    "setting, each against its own noise floor")
         return (f"{self.metric} mean {op} {self._limit_text(self.mean, self.floor_mean)} "
                 f"and worst {op} {self._limit_text(self.worst, self.floor_worst)}"
                 + (" under every setting" if self.per_setting else ""))

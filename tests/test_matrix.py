@@ -168,3 +168,18 @@ def test_eval_under_a_matrix_says_each_settings_verdict(tmp_path, capsys):
     assert [v["setting"] for v in data["per_setting"]] == ["32px", "128px"]
     assert not data["per_setting"][0]["passes"] and data["per_setting"][1]["passes"]
     assert data["passes"] is False and data["worst_setting"] == "32px"
+
+
+def test_floor_relative_thresholds_resolve_against_each_settings_own_floor():
+    """The 32 px setting's floor is 50 dB, the 128 px one's 40: 'floor - 2' asks 48 of the first
+    and 38 of the second.  Against the pooled floor (the worse, 40) 45 dB at 32 px would pass."""
+    pooled = Criterion("psnr", "floor - 2", "floor - 3").resolve(40.0, 39.0)
+    matrix = dataclasses.replace(pooled, per_setting=4, setting_floors=((50.0, 49.0), (40.0, 39.0)))
+    record = _record([45.0] * 4 + [39.0] * 4)
+    verdicts = setting_verdicts(record, matrix, ["32px", "128px"])
+    assert [(v["mean_limit"], v["worst_limit"], v["passes"]) for v in verdicts] == [
+        (48.0, 46.0, False), (38.0, 36.0, True)]
+    assert not judge(record, matrix).passes
+    assert judge(record, dataclasses.replace(matrix, setting_floors=())).passes
+    assert failure_proven([{"psnr": 45.0}], 8, matrix)  # below 32 px's own worst limit, 46
+    assert matrix.describe().endswith("under every setting, each against its own noise floor")

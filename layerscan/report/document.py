@@ -448,6 +448,11 @@ def _settings_section(session: Session, outcome: RunOutcome) -> list[str]:
            f"({metric} mean, pessimistic bound / worst). Settings, cheapest first (early "
            "stopping tries the cheapest first): " + "; ".join(
                _setting_text(part, name) for part, name in zip(spec.parts(), names)) + ".", ""]
+    if crit.setting_floors and (crit.mean.relative or crit.worst.relative):
+        op = "<=" if crit.lower_is_better else ">="
+        out += ["Floor-relative thresholds, resolved against each setting's own noise floor: " + "; ".join(
+            f"`{name}` mean {op} {_fmt(crit.for_setting(k).mean_limit, metric)}, worst {op} "
+            f"{_fmt(crit.for_setting(k).worst_limit, metric)}" for k, name in enumerate(names)) + ".", ""]
     if not rows:
         return out
     out += ["| configuration | " + " | ".join(f"`{n}`" for n in names) + " | worst setting |",
