@@ -19,9 +19,10 @@ from layerscan.configs import Ignored, describe, normalize
 from layerscan.engine import Fp8Engine
 from layerscan.errors import NonFiniteOutput
 from layerscan.generate import (
-    Baseline, GenerationSpec, compile_free_seconds, iter_images, save_png, typical_seconds,
+    Baseline, GenerationSpec, compile_free_seconds, iter_images, save_png, seconds_per_output,
+    typical_seconds,
 )
-from layerscan.metrics import METRICS, Scorer, summarize
+from layerscan.metrics import METRICS, Scorer, summarize, worst_value
 from layerscan.stats import bootstrap_ci, one_sided_bound
 from layerscan.study import Criterion
 
@@ -111,13 +112,19 @@ def setting_verdicts(record: TrialRecord, criterion: Criterion,
     values = [p.get(metric, math.nan) for p in record.per_prompt]
     for number, part in enumerate(criterion.slices(len(values))):
         chosen, mine = [values[i] for i in part], criterion.for_setting(number)
-        worst = max(chosen) if criterion.lower_is_better else min(chosen)
-        bound = one_sided_bound(chosen, criterion.lower_is_better)
+        bound, worst, passes = _pass_rule(chosen, mine)
         verdicts.append(dict(setting=names[number] if names else "", mean=float(np.mean(chosen)),
                              bound=bound, worst=worst, outputs=len(chosen),
-                             mean_limit=mine.mean_limit, worst_limit=mine.worst_limit,
-                             passes=bool(mine.passes(bound, worst))))
+                             mean_limit=mine.mean_limit, worst_limit=mine.worst_limit, passes=passes))
     return verdicts
+
+
+def _pass_rule(values: list[float], criterion: Criterion) -> tuple[float, float, bool]:
+    """The pass rule on one setting's scores: the mean's pessimistic bound, the worst output, and
+    whether both meet ``criterion``'s limits."""
+    bound = one_sided_bound(values, criterion.lower_is_better)
+    worst = worst_value(criterion.metric, values)
+    return bound, worst, bool(criterion.passes(bound, worst))
 
 
 def worst_setting(record: TrialRecord, criterion: Criterion, names: list[str]) -> str | None:
@@ -155,12 +162,6 @@ def reference_record(session) -> TrialRecord:
     return judge(record, session.criterion)
 
 
-def seconds_per_output(by_setting: dict[int, list[float]]) -> float:
-    """Seconds per output: the median, or under a settings matrix the mean of each setting's
-    median (a setting's outputs may take twice another's: one pooled median would land between)."""
-    return float(np.mean([np.median(values) for values in by_setting.values()]))
-
-
 def execution_mode(loaded) -> str:
     return "compiled" if getattr(loaded.transformer, "_layerscan_compiled", False) else "eager"
 
@@ -187,8 +188,7 @@ def failure_proven(per_prompt: list[dict[str, float]], total: int, criterion: Cr
         return False
     for mine, chosen, outputs in chunks:
         if len(chosen) == outputs:  # a setting complete: its verdict is judge's, already final
-            worst = max(chosen) if criterion.lower_is_better else min(chosen)
-            if not mine.passes(one_sided_bound(chosen, criterion.lower_is_better), worst):
+            if not _pass_rule(chosen, mine)[2]:
                 return True
             continue
         limit = mine.mean_limit

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from layerscan.metrics import METRICS, Scorer, summarize
+from layerscan.metrics import Scorer, summarize, worst_value
 
 
 @dataclass
@@ -39,10 +39,6 @@ class NoiseFloor:
         if self.settings:
             data["settings"] = self.settings
         return data
-
-
-def _worse(metric: str, values: list[float]) -> float:
-    return min(values) if METRICS[metric].higher_is_better else max(values)
 
 
 def measure_floor(scorer: Scorer, baseline, prompts: list[str]) -> NoiseFloor:
@@ -88,5 +84,5 @@ def _worst_of(variants: list[dict], metrics: list[str]) -> tuple[dict, dict]:
     """Per metric, the worse of the variants' means and of their worst outputs."""
     if not variants:
         return {}, {}
-    return ({m: _worse(m, [v["mean"][m] for v in variants]) for m in metrics},
-            {m: _worse(m, [v["worst"][m] for v in variants]) for m in metrics})
+    return ({m: worst_value(m, [v["mean"][m] for v in variants]) for m in metrics},
+            {m: worst_value(m, [v["worst"][m] for v in variants]) for m in metrics})

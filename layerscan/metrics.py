@@ -179,6 +179,11 @@ class MetricSummary:
     worst: dict[str, float] = field(default_factory=dict)
 
 
+def worst_value(metric: str, values: Sequence[float]) -> float:
+    """The worst of ``values`` for ``metric``: the lowest where higher is better, else the highest."""
+    return min(values) if METRICS[metric].higher_is_better else max(values)
+
+
 def summarize(per_prompt: list[dict[str, float]]) -> MetricSummary:
     """Aggregate per-prompt scores into mean and worst.
 
@@ -206,7 +211,7 @@ def summarize(per_prompt: list[dict[str, float]]) -> MetricSummary:
             mean[name] = worst[name] = math.nan
             continue
         mean[name] = math.fsum(values) / len(values)
-        worst[name] = min(values) if METRICS[name].higher_is_better else max(values)
+        worst[name] = worst_value(name, values)
     return MetricSummary(per_prompt=[dict(s) for s in per_prompt], mean=mean, worst=worst)
 
 
