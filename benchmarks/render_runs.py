@@ -38,6 +38,11 @@ def _gb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e9:.1f}"
 
 
+def _phases(p: dict, digits: int) -> str:
+    """A run's phases as one cell: build / baseline+floor / search / report seconds."""
+    return " / ".join(f"{p[k]:.{digits}f}" for k in ("build", "baseline_and_floor", "search", "report"))
+
+
 def render_fullsize(runs: dict) -> list[str]:
     out = ["Source: " + ", ".join(f"`results/runs/{f}`" for f in FULLSIZE) + ".", "",
            "| run | BF16 s/img | FP8 all s/img | speed-up | peak GPU GB | residency | wall s | "
@@ -48,8 +53,7 @@ def render_fullsize(runs: dict) -> list[str]:
         p = d["phases_s"]
         out.append(f"| {label} | {d['bf16_seconds_per_image']:.2f} | {d['fp8_all_seconds_per_image']:.2f} | "
                    f"**{d['fp8_all_speedup']:.2f}x** | {_gb(d['peak_memory_bytes'])} | {d['residency']} | "
-                   f"{d['wall_s']:.0f} | {p['build']:.0f} / {p['baseline_and_floor']:.0f} / "
-                   f"{p['search']:.0f} / {p['report']:.0f} | {100 * d['non_generation_share']:.0f} % |")
+                   f"{d['wall_s']:.0f} | {_phases(p, 0)} | {100 * d['non_generation_share']:.0f} % |")
     out += ["", "Per configuration (true CFG runs):", "",
             "| run | configuration | s/img | peak GPU GB |", "|---|---|---|---|"]
     for name, label in list(FULLSIZE.items())[:2]:
@@ -125,8 +129,7 @@ def render_planted(runs: dict) -> list[str]:
     for name, label in PLANTED.items():
         d = runs[name]
         p = d["phases_s"]
-        out.append(f"| {label} | {', '.join(d['answer'] or ['none'])} | {d['wall_s']:.1f} | {p['build']:.1f} / "
-                   f"{p['baseline_and_floor']:.1f} / {p['search']:.1f} / {p['report']:.1f} | "
+        out.append(f"| {label} | {', '.join(d['answer'] or ['none'])} | {d['wall_s']:.1f} | {_phases(p, 1)} | "
                    f"{d['baseline_phase_images']} / {d['search_phase_images']} | "
                    f"{', '.join(d['floor']['identical_variants']) or 'none'} | "
                    f"{100 * d['generation_share_after_baseline']:.0f} % | {d['residency']} |")

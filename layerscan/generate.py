@@ -195,6 +195,12 @@ def compile_free_seconds(timings: list[tuple[float, bool]]) -> list[float]:
     return [seconds for seconds, compiled in timings if not compiled]
 
 
+def seconds_per_output(by_setting: dict[int, list[float]]) -> float:
+    """Seconds per output: the median, or under a settings matrix the mean of each setting's
+    median (a setting's outputs may take twice another's: one pooled median would land between)."""
+    return float(np.mean([np.median(values) for values in by_setting.values()]))
+
+
 def typical_seconds(timings: list[tuple[float, bool]]) -> float | None:
     """Median seconds per image over the images that compiled nothing (all, if every one did):
     what an image costs once the configuration's graphs exist, as users running it would see."""
@@ -319,8 +325,8 @@ def join_baselines(parts: list[Baseline]) -> Baseline:
     seconds = [s for part in parts for s in part.image_seconds]
     by_setting = {k: part.image_seconds for k, part in enumerate(parts) if part.image_seconds}
     peaks = [part.peak_memory_bytes for part in parts if part.peak_memory_bytes is not None]
-    # The mean of each setting's median, as every record's seconds_per_image under a matrix.
-    typical = float(np.mean([np.median(v) for v in by_setting.values()])) if by_setting else \
+    # As every record's seconds_per_image under a matrix (every output compiled: the parts' own).
+    typical = seconds_per_output(by_setting) if by_setting else \
         float(np.mean([part.seconds_per_image for part in parts]))
     return Baseline([image for part in parts for image in part.images], typical,
                     max(peaks) if peaks else None, parts[0].directory,

@@ -349,17 +349,14 @@ def load_study(path: str | Path) -> dict:
             values.update({prefix + k: v for k, v in entries.items()})
         else:
             values[section] = entries
-    for key in ("prompts", "image"):
-        # Paths are relative to the study file so a study directory can move as a unit (a
-        # value that is not a string is left to check_settings to refuse).
-        if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
-            relative = (path.parent / values[key]).resolve()
-            values[key] = str(relative) if relative.exists() else values[key]
-    for entry in values.get("settings", ()) if isinstance(values.get("settings"), list) else ():
-        if isinstance(entry, dict) and isinstance(entry.get("image"), str) \
-                and not Path(entry["image"]).is_absolute():
-            relative = (path.parent / entry["image"]).resolve()
-            entry["image"] = str(relative) if relative.exists() else entry["image"]
+    # Paths are relative to the study file so a study directory can move as a unit (a value
+    # that is not a string is left to check_settings to refuse): the study's, and each setting's.
+    entries = values.get("settings") if isinstance(values.get("settings"), list) else []
+    for table, key in [(values, "prompts"), (values, "image")] + [(e, "image") for e in entries]:
+        if isinstance(table, dict) and isinstance(table.get(key), str) \
+                and not Path(table[key]).is_absolute():
+            relative = (path.parent / table[key]).resolve()
+            table[key] = str(relative) if relative.exists() else table[key]
     return values
 
 
