@@ -132,7 +132,11 @@ def worst_setting(record: TrialRecord, criterion: Criterion, names: list[str]) -
     the largest loss of the mean.  None without a matrix or without scores."""
     if len(names) < 2 or not record.per_prompt or criterion.metric not in record.per_prompt[0]:
         return None
-    verdicts = setting_verdicts(record, criterion, names)
+    return worst_of(setting_verdicts(record, criterion, names), criterion)
+
+
+def worst_of(verdicts: list[dict], criterion: Criterion) -> str:
+    """The worst setting among ``setting_verdicts``: a failing one first, then the largest loss."""
     return max(verdicts, key=lambda v: (not v["passes"], criterion.loss(v["mean"])))["setting"]
 
 

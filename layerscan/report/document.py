@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from layerscan.configs import describe
-from layerscan.evaluate import TrialRecord, setting_verdicts, worst_setting
+from layerscan.evaluate import TrialRecord, setting_verdicts, worst_of, worst_setting
 from layerscan.generate import FLOOR_VARIANTS, save_png
 from layerscan.metrics import METRICS
 from layerscan.report.ci_entry import UPSTREAM, build_entry, render_entry
@@ -79,7 +79,8 @@ def _ablation_table(records: list[TrialRecord], metrics: list[str], recommended,
         cells += [format_bytes(r.total_weight_bytes), format_bytes(r.bf16_kept_bytes),
                   f"{r.seconds_per_image:.3f}" if r.seconds_per_image else "—", _status(r)]
         if worst_setting:
-            cells.append(f"`{worst_setting(r)}`" if worst_setting(r) else "—")
+            name = worst_setting(r)
+            cells.append(f"`{name}`" if name else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -414,6 +415,11 @@ def _comparisons(session: Session, outcome: RunOutcome) -> list[str]:
     return lines
 
 
+def _settings_text(spec) -> str:
+    """Every setting of ``spec`` as the report names them, in order."""
+    return "; ".join(_setting_text(part, name) for part, name in zip(spec.parts(), spec.setting_names()))
+
+
 def _setting_text(part, name: str) -> str:
     """One setting as the report names it, e.g. "`short`: 8 steps, 64x64, 9 frames, guidance 4"."""
     frames = dict(part.extra).get("num_frames")
@@ -424,10 +430,13 @@ def _setting_text(part, name: str) -> str:
 def setting_rows(session: Session, records: list[TrialRecord]) -> list[dict]:
     """Each record's verdict under each setting of the matrix (recommendation.json's)."""
     crit, names = session.criterion, session.spec.setting_names()
-    return [{"configuration": describe(r.config), "ignored_layers": list(r.config or ()),
-             "worst_setting": worst_setting(r, crit, names),
-             "settings": setting_verdicts(r, crit, names)}
-            for r in records if r.per_prompt and crit.metric in r.per_prompt[0]]
+    rows = []
+    for r in records:
+        if r.per_prompt and crit.metric in r.per_prompt[0]:
+            verdicts = setting_verdicts(r, crit, names)
+            rows.append({"configuration": describe(r.config), "ignored_layers": list(r.config or ()),
+                         "worst_setting": worst_of(verdicts, crit), "settings": verdicts})
+    return rows
 
 
 def _settings_section(session: Session, outcome: RunOutcome) -> list[str]:
@@ -446,8 +455,7 @@ def _settings_section(session: Session, outcome: RunOutcome) -> list[str]:
            f"A configuration passes only if it passes under every setting; each setting is judged "
            f"on its own {spec.per_setting} {_output_word(session)}s "
            f"({metric} mean, pessimistic bound / worst). Settings, cheapest first (early "
-           "stopping tries the cheapest first): " + "; ".join(
-               _setting_text(part, name) for part, name in zip(spec.parts(), names)) + ".", ""]
+           "stopping tries the cheapest first): " + _settings_text(spec) + ".", ""]
     if crit.setting_floors and (crit.mean.relative or crit.worst.relative):
         op = "<=" if crit.lower_is_better else ">="
         out += ["Floor-relative thresholds, resolved against each setting's own noise floor: " + "; ".join(
@@ -458,15 +466,15 @@ def _settings_section(session: Session, outcome: RunOutcome) -> list[str]:
     out += ["| configuration | " + " | ".join(f"`{n}`" for n in names) + " | worst setting |",
             "|---|" + "---|" * (len(names) + 1)]
     for title, record in rows:
-        cells = []
-        for v in setting_verdicts(record, crit, names):
+        cells, verdicts = [], setting_verdicts(record, crit, names)
+        for v in verdicts:
             verdict = "passes" if v["passes"] else "**fails**"
             if v["outputs"] < spec.per_setting:  # stopped early, within this setting
                 verdict = f"**fails** (proven after {v['outputs']}/{spec.per_setting})"
             cells.append(f"{_fmt(v['mean'], metric)} ({_fmt(v['bound'], metric)}) / "
                          f"{_fmt(v['worst'], metric)} {verdict}")
         cells += ["not generated (a failure was proven before it)"] * (len(names) - len(cells))
-        out.append(f"| {title} | " + " | ".join(cells) + f" | `{worst_setting(record, crit, names)}` |")
+        out.append(f"| {title} | " + " | ".join(cells) + f" | `{worst_of(verdicts, crit)}` |")
     return out + [""]
 
 
@@ -502,8 +510,7 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
             f"`ignored_layers` matched {profile.match}ly by the target.",
             f"- Prompts: {len(spec.prompts)} × seeds {list(spec.seeds)}"
             + (f" × {len(spec.settings)} settings" if spec.settings else "")
-            + f" = {_outputs_text(session)}; " + "; ".join(_setting_text(part, name) for part, name
-                                                      in zip(spec.parts(), names)) + ".",
+            + f" = {_outputs_text(session)}; " + _settings_text(spec) + ".",
             f"- Criterion: {crit.describe()} "
             f"{'(each picture against its prompt)' if crit.metric == 'accuracy' else 'against the BF16 baseline'}; "
             "a configuration passes when the pessimistic end of its mean's one-sided 95 % bootstrap "
