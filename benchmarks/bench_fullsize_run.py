@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cap_gb:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total, torch.cuda.current_device())
+    try:  # where the run's time went, phase by phase (packages before layerscan.clock lack it)
+        from layerscan.clock import CLOCK, timing_since
+        started = CLOCK.snapshot()
+    except ImportError:
+        timing_since = None
     work = Path(tempfile.mkdtemp(prefix="layerscan-fullsize-"))
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:args.prompts]) + "\n")
@@ -228,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         bf16_seconds_per_image=bf16, fp8_all_seconds_per_image=fp8_all,
         fp8_all_speedup=(bf16 / fp8_all) if bf16 and fp8_all else None,
-        new_evaluations=outcome.new_evaluations, report_generated_images=outcome.ledger.report_generations,
+        new_evaluations=outcome.new_evaluations,
+        # Before the report drew only on evaluated outputs, it generated what a stopped one lacked.
+        report_generated_images=getattr(outcome.ledger, "report_generations", 0),
+        timing=timing_since(started) if timing_since else None,
         stop_reason=outcome.stop_reason, evaluations=evaluations,
         settings=args.settings,
         # Every image's seconds by size and phase (the first of each shape and configuration

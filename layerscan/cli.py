@@ -213,6 +213,9 @@ def _run_in(args, study, out: Path) -> int:
     from layerscan.report.document import write_report
     from layerscan.runner import run_study
 
+    from layerscan.clock import CLOCK, timing_line, timing_since
+
+    started = CLOCK.snapshot()
     pool = None
     if args.gpus is not None or args.workers is not None:  # one worker per GPU, or N on CPU
         from layerscan.workers import pool_for_run
@@ -226,6 +229,7 @@ def _run_in(args, study, out: Path) -> int:
 
         outcome.target_check = check_after_run(
             paste_forms(study.model, outcome.recommended, session.loaded), session.loaded.path)
+    outcome.timing = timing_since(started)
     path = write_report(session, outcome, out)
     rec = outcome.recommended
     if rec is None:
@@ -245,6 +249,7 @@ def _run_in(args, study, out: Path) -> int:
     # Every process's records count (a shared study's workers included), as in the report.
     print(f"{outcome.ledger.cost()['configurations']} FP8 configurations on record "
           f"({outcome.evaluated_now_text()}); report: {path}")
+    print(timing_line(timing_since(started)))
     if not outcome.final:
         print(f"not final: {outcome.why_not_final}", file=sys.stderr)
     if outcome.stop_reason == "interrupted":

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from layerscan.clock import CLOCK, PREPARE, SWITCH
 from layerscan.fp8 import (
     SCALE_BYTES,
     STORAGE_TYPES,
@@ -49,6 +50,14 @@ class Fp8Engine:
         self.loaded = loaded
         self.index = loaded.index
         self.activation_scheme = activation_scheme
+        with CLOCK.phase(PREPARE, loaded.device):
+            self._convert(loaded, activation_scheme)
+        self._sizes = {attr: _param_sizes(module) for attr, module in loaded.components.items()}
+        self.residency = self._choose_residency() if residency == "auto" else residency
+        self.current: Ignored = None
+        self._applied = False
+
+    def _convert(self, loaded: LoadedPipeline, activation_scheme: str) -> None:
         self._layers: dict[str, list[Fp8Linear]] = {}  # qualified name -> shards
         self._storage: dict[str, nn.Module] = {}  # component -> module, for weight storage
         for component in self.index.components:
@@ -63,9 +72,6 @@ class Fp8Engine:
                 shared = SharedInput(len(shards)) if len(shards) > 1 else None
                 self._layers[layer.name] = [
                     Fp8Linear.convert(m, activation_scheme, scale, shared) for m in shards]
-        self._sizes = {attr: _param_sizes(module) for attr, module in loaded.components.items()}
-        self.residency = self._choose_residency() if residency == "auto" else residency
-        self.current: Ignored = None
 
     def _choose_residency(self) -> str:
         device = self.loaded.device
@@ -86,6 +92,14 @@ class Fp8Engine:
         config = normalize(ignored)
         if config:
             self.index.validate(config)
+        # The first switch of a requantize residency makes the CPU master copies: preparation.
+        with CLOCK.phase(SWITCH if self._applied else PREPARE, self.loaded.device):
+            self._switch(config)
+        self._applied = True
+        self.current = config
+        return config
+
+    def _switch(self, config: Ignored) -> None:
         skipped = set() if config is None else self.index.skipped(config)
         keep_bf16 = self.residency == "both"
         for name, shards in self._layers.items():
@@ -96,8 +110,6 @@ class Fp8Engine:
                 remove_fp8_weight_storage(module)
             else:
                 apply_fp8_weight_storage(module)
-        self.current = config
-        return config
 
     def quantized_layers(self) -> list[str]:
         return [n for n, shards in self._layers.items() if shards[0].fp8_enabled]

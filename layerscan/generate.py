@@ -32,6 +32,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from layerscan.cache import cache_root_or_default
+from layerscan.clock import CLOCK, COMPILE, GENERATE, SAVE
 from layerscan.errors import NonFiniteOutput, UserError
 from layerscan.pipeline import LoadedPipeline
 
@@ -183,11 +184,15 @@ def iter_images(
         if only is not None and index not in only:
             continue
         graphs = _graphs_compiled()
-        synchronize(loaded.device)
-        began = time.perf_counter()
-        image = generate_image(loaded, parts[index // spec.per_setting], prompt, seed)
-        synchronize(loaded.device)
-        yield index, image, time.perf_counter() - began, _graphs_compiled() != graphs
+        with CLOCK.phase(GENERATE, loaded.device) as phase:
+            began = time.perf_counter()
+            image = generate_image(loaded, parts[index // spec.per_setting], prompt, seed)
+            synchronize(loaded.device)
+            elapsed = time.perf_counter() - began
+            compiled = _graphs_compiled() != graphs
+            if compiled:
+                phase.name = COMPILE
+        yield index, image, elapsed, compiled
 
 
 def compile_free_seconds(timings: list[tuple[float, bool]]) -> list[float]:
@@ -218,12 +223,13 @@ def save_png(image: np.ndarray, path: Path) -> None:
     the same for videos and images, and the strip is what a person opening it wants to see.
     The frame count goes into a PNG text chunk, so the file alone gives the clip back.
     """
-    if image.ndim == 4:
-        info = PngImagePlugin.PngInfo()
-        info.add_text(FRAMES_KEY, str(image.shape[0]))
-        Image.fromarray(np.concatenate(list(image), axis=1)).save(path, format="PNG", pnginfo=info)
-    else:
-        Image.fromarray(image).save(path, format="PNG")
+    with CLOCK.phase(SAVE):
+        if image.ndim == 4:
+            info = PngImagePlugin.PngInfo()
+            info.add_text(FRAMES_KEY, str(image.shape[0]))
+            Image.fromarray(np.concatenate(list(image), axis=1)).save(path, format="PNG", pnginfo=info)
+        else:
+            Image.fromarray(image).save(path, format="PNG")
 
 
 @contextlib.contextmanager

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from layerscan.clock import CLOCK, SCORE
 from layerscan.errors import UserError
 from layerscan.lpips_weights import LpipsWeightsMissing, build_lpips, check_lpips_weights, check_net
 
@@ -550,9 +551,10 @@ class Scorer:
                      prompt: str | None = None) -> dict[str, float]:
         """Score one generated output against its baseline: a video (``score_video``) when this
         scorer scores videos, else an image (``score_pair``)."""
-        if self.video:
-            return self.score_video(output, reference, prompt)
-        return self.score_pair(output, reference, prompt)
+        with CLOCK.phase(SCORE):
+            if self.video:
+                return self.score_video(output, reference, prompt)
+            return self.score_pair(output, reference, prompt)
 
     def score_video(self, video: np.ndarray, reference: np.ndarray,
                     prompt: str | None = None) -> dict[str, float]:

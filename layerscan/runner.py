@@ -47,6 +47,8 @@ class RunOutcome:
     target_check: dict | None = None
     # Each kept group of the recommendation shown necessary (None: not attempted, interrupted).
     minimality: MinimalityProof | None = None
+    # Where this invocation's time went up to its report (layerscan.clock.timing_since).
+    timing: dict | None = None
 
     @property
     def final(self) -> bool:

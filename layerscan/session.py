@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from layerscan.cache import cache_root_or_default
+from layerscan.clock import CLOCK, LOAD
 from layerscan.engine import Fp8Engine
 from layerscan.errors import UserError
 from layerscan.floor import NoiseFloor, measure_floor
@@ -132,10 +133,11 @@ def open_session(
                         "here; choose another with --criterion-metric (e.g. --criterion-metric psnr)")
     spec = generation_spec(study, prompts)
     if loaded is None:
-        loaded = load_pipeline(study.model, device, trust_remote_code=trust_remote_code,
-                               revision=study.revision, profile=study.profile, target=study.target,
-                               components=study.components, match=study.layer_match,
-                               cache_root=cache_root)
+        with CLOCK.phase(LOAD):
+            loaded = load_pipeline(study.model, device, trust_remote_code=trust_remote_code,
+                                   revision=study.revision, profile=study.profile, target=study.target,
+                                   components=study.components, match=study.layer_match,
+                                   cache_root=cache_root)
     if check_loaded is not None:
         check_loaded(loaded)
     metrics = output_metrics(metrics, loaded)

@@ -208,7 +208,8 @@ def test_an_answer_cut_short_by_the_budget_is_marked_everywhere(planted_dir, two
     assert _one_line_error(capsys).startswith(f"{out}: not a final answer (the trial budget ran out")
     # The JSON and the report state the same counts.
     report = (out / "report.md").read_text()
-    assert f"the report generated {rec['report_generated_images']} image(s)" in report
+    timing = rec["timing"]
+    assert f"{timing['wall']:.1f} s, {timing['outputs_generated']} images generated" in report
     assert f"{rec['evaluated_configurations']} FP8 configurations on record" in report
 
 

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from layerscan.clock import CLOCK, PROXIES
 from layerscan.fp8 import fp8_linear, quantize_per_tensor
 from layerscan.layers import qualify
 from layerscan.profiles import W8A8
@@ -50,7 +51,8 @@ class Proxies:
 
     def __init__(self, session) -> None:
         self.session = session
-        self.trajectory = record_trajectory(session)
+        with CLOCK.phase(PROXIES, session.loaded.device):
+            self.trajectory = record_trajectory(session)
         self.cost = ProxyCost(calls=float(self.trajectory.record_calls))
         self._scores_path = cache_dir(session.loaded, session.proxy_spec, session.cache_root) / f"scores-{session.eval_key}.json"
         self._scores = self._read_scores()
@@ -119,15 +121,16 @@ class Proxies:
             return self._scores["layer_local"]
         start = time.perf_counter()
         loaded = self.session.loaded
-        # Everything in BF16 through the public switch: each layer sees its BF16 input.
-        self.session.engine.apply([qualify(c, "") for c in loaded.index.components])
-        scores = {}
-        for component in self.dit_components():
-            samples = self._samples([component])
-            scores.update(self._measure(component, lambda: self._replay(samples)))
-        if "text_encoder" in loaded.index.components and loaded.index.method("text_encoder") == W8A8 \
-                and self.trajectory.text_calls:
-            scores.update(self._measure("text_encoder", self._replay_text_encoder))
+        with CLOCK.phase(PROXIES, loaded.device):
+            # Everything in BF16 through the public switch: each layer sees its BF16 input.
+            self.session.engine.apply([qualify(c, "") for c in loaded.index.components])
+            scores = {}
+            for component in self.dit_components():
+                samples = self._samples([component])
+                scores.update(self._measure(component, lambda: self._replay(samples)))
+            if "text_encoder" in loaded.index.components and loaded.index.method("text_encoder") == W8A8 \
+                    and self.trajectory.text_calls:
+                scores.update(self._measure("text_encoder", self._replay_text_encoder))
         self._scores["layer_local"] = scores
         self._write_scores()
         self.cost.calls += LAYER_LOCAL_CALLS * n
@@ -188,12 +191,13 @@ class Proxies:
             self.cost.cached_calls += n
             return self._scores["e2e"][key]
         start = time.perf_counter()
-        self.session.engine.apply(list(kept))
-        error = reference = 0.0
-        for out, s in zip(self._replay(samples), samples):
-            ref = s.output.to(out.device).float()
-            error += float((out.float() - ref).pow(2).sum())
-            reference += float(ref.pow(2).sum())
+        with CLOCK.phase(PROXIES, self.session.loaded.device):
+            self.session.engine.apply(list(kept))
+            error = reference = 0.0
+            for out, s in zip(self._replay(samples), samples):
+                ref = s.output.to(out.device).float()
+                error += float((out.float() - ref).pow(2).sum())
+                reference += float(ref.pow(2).sum())
         value = relative_error(error, reference)
         self._scores["e2e"][key] = value
         self._write_scores()

@@ -2,8 +2,7 @@
 for videos) and report.md.
 
 Every number comes from the run's ledger and session; every image from the evaluations
-themselves (``TrialLedger.images_of``), so writing the report generates nothing that was
-generated before.
+themselves (``TrialLedger.images_of``): writing the report generates nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from layerscan.clock import CLOCK, GENERATION, REPORT
 from layerscan.configs import describe
 from layerscan.evaluate import TrialRecord, setting_verdicts, worst_of, worst_setting
 from layerscan.generate import FLOOR_VARIANTS, save_png
@@ -104,6 +104,11 @@ def display_name(session: Session) -> str:
 
 
 def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
+    with CLOCK.phase(REPORT):
+        return _write_report(session, outcome, out_dir)
+
+
+def _write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
     study, loaded = session.study, session.loaded
     crit = session.criterion
     display = display_name(session)
@@ -120,7 +125,6 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
         row_path.write_text(row_line + "\n", encoding="utf-8")
     else:  # a provisional answer is never left where a docs table would pick it up
         row_path.unlink(missing_ok=True)
-    # The image grid first: the images it generates count in what the JSON and the report say.
     grid = _images(session, outcome, out_dir, fp8_all, rec)
     cost = _cost(outcome)
     ci_entry = quality_test_entry(session, rec, outcome.final)
@@ -146,6 +150,7 @@ def write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
         "storage": _redact(outcome.storage),
         "display_name": display, "table_row": row,
         "target_check": outcome.target_check,
+        "timing": outcome.timing,
     })
     trials_frame(outcome.records, session.metrics, session.floor).to_csv(out_dir / "trials.csv", index=False)
 
@@ -208,24 +213,35 @@ def _summary(record: TrialRecord | None) -> dict | None:
 def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) -> str | None:
     """The image grid (BF16, FP8 everywhere, recommended, with difference maps), or for a video
     pipeline the frame strips of the same clips, and the outputs behind it in ``images/`` (a
-    video as one PNG of its frames side by side), taken from the evaluations."""
+    video as one PNG of its frames side by side), taken from the evaluations.
+
+    Nothing is generated for it: its rows are the first outputs every column made.  A stopped
+    evaluation (FP8 everywhere, typically) made only the outputs that proved its failure, so the
+    grid may have fewer rows than ``GRID_PROMPTS``; ``_markdown`` says why."""
     ledger, spec = outcome.ledger, session.spec
-    rows = list(range(min(GRID_PROMPTS, len(spec.items()))))
+    count = len(spec.items())
     columns = [("BF16", None)]
     if fp8_all is not None and fp8_all.status != "failed":
         columns.append(("FP8 all", ()))
     if rec is not None and rec.config:
         columns.append(("recommended", rec.config))
-    found = {title: ledger.images_of(config, rows) for title, config in columns}
-    session.engine.apply(None)
+    # Columns of unfinished evaluations first: their outputs decide the rows.
+    found = {title: ledger.images_of(config, list(range(count))) for title, config in columns
+             if config is not None and _unfinished(ledger.recorded(config))}
+    columns = [(t, c) for t, c in columns if t not in found or found[t]]
+    rows = [i for i in range(count) if all(i in images for images in found.values() if images)]
+    rows = rows[:GRID_PROMPTS]
+    for title, config in columns:
+        if title not in found:
+            found[title] = ledger.images_of(config, rows)
     columns = [(t, c) for t, c in columns if all(i in found[t] for i in rows)]
     if not rows or not columns:
         return None
     image_dir = out_dir / "images"
     image_dir.mkdir(exist_ok=True)
     for title, _ in columns:
-        for index, image in found[title].items():
-            save_png(image, image_dir / f"{title.replace(' ', '-').lower()}_{spec.image_name(index)}")
+        for index in rows:
+            save_png(found[title][index], image_dir / f"{title.replace(' ', '-').lower()}_{spec.image_name(index)}")
     items = spec.items()
     grid_rows = [(f"{items[i][1]} (seed {items[i][2]})", [(t, found[t][i]) for t, _ in columns])
                  for i in rows]
@@ -236,14 +252,28 @@ def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) 
     return "images.png"
 
 
+def _unfinished(record: TrialRecord | None) -> bool:
+    return record is None or record.status != "complete"
+
+
+def _grid_note(session: Session, fp8_all) -> str:
+    """Why the grid has fewer rows than it could: FP8 everywhere stopped early."""
+    shown = min(GRID_PROMPTS, len(session.spec.items()))
+    if fp8_all is None or fp8_all.status != "stopped" or len(fp8_all.per_prompt) >= shown:
+        return ""
+    made = len(fp8_all.per_prompt)
+    return (f" FP8 everywhere was stopped after {made} {_output_word(session)}(s), once they proved "
+            "its failure; the report generates nothing of its own, so the grid shows "
+            f"{'that one' if made == 1 else 'those'}.")
+
+
 def _cost(outcome: RunOutcome) -> dict:
     """Configurations and their cost in full-evaluation equivalents (a stopped one counts its
     prompts), and the proxy cost in the same unit when a strategy used proxies."""
     cost = outcome.ledger.cost()
     data = {"configurations": cost["configurations"],
             "full_evaluation_equivalents": round(cost["full_evaluations"], 4),
-            "stopped_early": cost["stopped"],
-            "report_generated_images": outcome.ledger.report_generations}
+            "stopped_early": cost["stopped"]}
     proxy = outcome.notes.get("proxy", {}).get("cost")
     if proxy:
         data["proxy_cost_full_evaluations"] = round(proxy["full_evaluations"], 4)
@@ -478,6 +508,24 @@ def _settings_section(session: Session, outcome: RunOutcome) -> list[str]:
     return out + [""]
 
 
+def _timing_section(timing: dict | None, output: str) -> list[str]:
+    """Where this invocation's time went before the report, phase by phase (layerscan.clock)."""
+    if not timing or timing["wall"] <= 0:
+        return []
+    wall = timing["wall"]
+    rows = [f"| {name} | {p['seconds']:.1f} | {100 * p['seconds'] / wall:.0f} % | "
+            f"{'' if p['count'] is None else p['count']} |" for name, p in timing["phases"].items()]
+    generated = sum(timing["phases"].get(n, {}).get("seconds", 0.0) for n in GENERATION)
+    rate = (f", {timing['outputs_generated'] / generated:.3g} {output}s per second of generation"
+            if generated > 0 else "")
+    return ["## Where the time went", "",
+            f"This invocation, up to writing this report: {wall:.1f} s, {timing['outputs_generated']} "
+            f"{output}s generated{rate}; generating them took {100 * timing['generation_share']:.0f} % "
+            "of the time. A phase's seconds leave out the phases inside it (a precision switch "
+            "during the proxies counts as switching).", "",
+            "| phase | s | share | times |", "|---|---|---|---|", *rows, ""]
+
+
 def _check_line(check: dict | None) -> str:
     """Whether the target release's own code agrees with the recommendation (``layerscan check``)."""
     if check is None:
@@ -614,9 +662,9 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
             f"{cost['full_evaluation_equivalents']:.2f} full-evaluation equivalents "
             f"({cost['stopped_early']} stopped early once their prompts proved a failure)"
             + (f"; proxies {cost['proxy_cost_full_evaluations']:.3f}" if "proxy_cost_full_evaluations"
-               in cost else "")
-            + f"; the report generated {cost['report_generated_images']} {output}(s) no evaluation had made.", ""]
+               in cost else "") + ".", ""]
     out += proxy_report_section(outcome.notes, outcome.records, crit)
+    out += _timing_section(outcome.timing, output)
     for title, name in charts:
         out += [f"## {title}", "", f"![{title}]({name})", ""]
     if grid and loaded.video:
@@ -625,10 +673,11 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
                 f"frames (frames {', '.join(map(str, strip_frames(frames)))} of {frames}), each "
                 "FP8 row followed by its absolute-difference heat maps against BF16. Every frame is "
                 "scored: the metrics are means over all frames, and `temporal` is the flicker FP8 "
-                "adds from frame to frame.", "", f"![frames]({grid})", ""]
+                "adds from frame to frame." + _grid_note(session, fp8_all), "", f"![frames]({grid})", ""]
     elif grid:
         out += ["## Images", "", "BF16, FP8 everywhere and the recommended configuration, with "
-                "absolute-difference heat maps against BF16.", "", f"![images]({grid})", ""]
+                "absolute-difference heat maps against BF16." + _grid_note(session, fp8_all), "",
+                f"![images]({grid})", ""]
     out += ["## Files", "", "- `recommendation.json`: the config to paste, with its numbers",
             "- `row.md`: the supported-models table row", "- `trials.csv`: every configuration",
             "- `trials.jsonl`: the resumable record a rerun continues from",

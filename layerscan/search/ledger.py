@@ -69,7 +69,6 @@ class TrialLedger:
         self._lock = threading.Lock()  # a pool's results are taken from its threads
         self._evaluated_now: set[Ignored] = set()  # configurations evaluated in this process
         self.continued = 0  # of those, evaluations that continued an early-stopped record
-        self.report_generations = 0  # images the report had to generate (never evaluated ones)
         self.asked: list[Ignored] = []  # every configuration asked for, in order (refinement reads it)
         self._elsewhere: dict[Ignored, TrialRecord] = {}  # recorded by other workers of a shared study
         for record in self.store.records():  # measurements are reused; verdicts follow today's criterion
@@ -244,29 +243,14 @@ class TrialLedger:
     # --- images ---------------------------------------------------------------------------------
 
     def images_of(self, config: Ignored, indices: list[int]) -> dict[int, np.ndarray]:
-        """Images of ``config`` at ``indices``: the baseline's for BF16, else those its evaluation
-        kept; indices it never generated (a stopped evaluation) are generated now, once."""
+        """The outputs of ``config`` at ``indices`` that exist: the baseline's for BF16, else
+        those its evaluation kept.  Nothing is generated here: a stopped evaluation shows the
+        outputs that proved its failure, and the report spends no GPU time of its own."""
         if config is None:
             return {i: self.session.baseline.images[i] for i in indices}
         spec = self.session.spec
-        names = [spec.image_name(i) for i in range(self.image_count)]
-        found = self.images.load(config, names)
-        missing = [i for i in indices if i not in found]
-        if missing:
-            from layerscan.errors import UserError
-            from layerscan.generate import generate_image
-
-            self.session.engine.apply(config)
-            items = spec.items()
-            try:
-                for i in missing:
-                    _, prompt, seed = items[i]
-                    found[i] = generate_image(self.session.loaded, spec.part_of(i)[1], prompt, seed)
-                    self.images.save(config, names[i], found[i])
-                    self.report_generations += 1
-            except (UserError, RuntimeError):
-                pass  # the configuration cannot produce images: the grid leaves it out
-        return {i: found[i] for i in indices if i in found}
+        found = self.images.load(config, [spec.image_name(i) for i in indices])
+        return {indices[k]: image for k, image in found.items()}
 
     # --- another worker's records ---------------------------------------------------------------
 
