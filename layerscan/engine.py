@@ -9,6 +9,7 @@ weight storage (the ``seed`` target's text encoder and VAE) are switched as a wh
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -56,6 +57,7 @@ class Fp8Engine:
         self.residency = self._choose_residency() if residency == "auto" else residency
         self.current: Ignored = None
         self._applied = False
+        self._masters: MasterCopies | None = None  # requantize: the BF16 weights' CPU copies
 
     def _convert(self, loaded: LoadedPipeline, activation_scheme: str) -> None:
         self._layers: dict[str, list[Fp8Linear]] = {}  # qualified name -> shards
@@ -92,18 +94,25 @@ class Fp8Engine:
         config = normalize(ignored)
         if config:
             self.index.validate(config)
-        # The first switch of a requantize residency makes the CPU master copies: preparation.
-        with CLOCK.phase(SWITCH if self._applied else PREPARE, self.loaded.device):
-            self._switch(config)
+        device = self.loaded.device
+        as_loaded = not self._applied and config is None  # every layer still BF16, nothing to free
+        if self.residency == "requantize" and self._masters is None:
+            with CLOCK.phase(PREPARE, device):
+                self._masters = MasterCopies([m for shards in self._layers.values() for m in shards])
+        if self._masters is not None and not as_loaded and not self._masters.done:
+            with CLOCK.phase(PREPARE, device):
+                self._masters.wait()  # no BF16 weight is freed before its CPU copy exists
+        with CLOCK.phase(SWITCH, device):
+            self._switch(config, layers=not (as_loaded and self._masters is not None))
         self._applied = True
         self.current = config
         return config
 
-    def _switch(self, config: Ignored) -> None:
+    def _switch(self, config: Ignored, layers: bool = True) -> None:
         skipped = set() if config is None else self.index.skipped(config)
         keep_bf16 = self.residency == "both"
         for name, shards in self._layers.items():
-            for module in shards:
+            for module in shards if layers else ():
                 module.set_precision(config is not None and name not in skipped, keep_bf16)
         for component, module in self._storage.items():
             if config is None or qualify(component, "") in skipped:
@@ -144,6 +153,56 @@ class Fp8Engine:
         if ignored is None:
             return 0
         return sum(self.weight_bytes(ignored).values()) - sum(self.weight_bytes(()).values())
+
+
+class MasterCopies:
+    """CPU copies of the W8A8 layers' BF16 weights, made in the background.
+
+    The requantize residency frees a layer's BF16 weight while it runs in FP8 and restores it
+    from a CPU copy.  Copying 40 GB (a 20 B DiT) into page-locked memory takes tens of seconds,
+    and nothing needs the copies before the first FP8 configuration: they are made by a thread,
+    on a stream of their own, while the BF16 baseline is generated on the weights they copy
+    (which nothing writes meanwhile).  ``wait`` hands them to the layers; the engine calls it
+    before any switch that could free a weight.
+    """
+
+    def __init__(self, modules: list[Fp8Linear]) -> None:
+        self.modules = modules
+        self.copies: list[torch.Tensor] = []
+        self.error: BaseException | None = None
+        self.done = False
+        device = modules[0].weight.device if modules else torch.device("cpu")
+        self._stream = None
+        if device.type == "cuda":
+            self._stream = torch.cuda.Stream(device)
+            self._stream.wait_stream(torch.cuda.current_stream(device))  # the weights as they are now
+        self._thread = threading.Thread(target=self._copy, name="layerscan-master-copies", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            if self._stream is None:
+                self.copies = [m.weight.data.to("cpu", copy=True) for m in self.modules]
+                return
+            with torch.cuda.stream(self._stream):
+                for module in self.modules:
+                    weight = module.weight.data
+                    copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+                    copy.copy_(weight, non_blocking=True)
+                    self.copies.append(copy)
+        except BaseException as exc:  # raised in the caller's thread by wait()
+            self.error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"could not keep CPU copies of the BF16 weights for the requantize "
+                               f"residency: {self.error}") from self.error
+        if self._stream is not None:
+            self._stream.synchronize()
+        for module, copy in zip(self.modules, self.copies):
+            module.bf16_master = copy
+        self.done = True
 
 
 def _param_sizes(module: nn.Module) -> dict[int, tuple[int, int]]:

@@ -213,6 +213,9 @@ def typical_seconds(timings: list[tuple[float, bool]]) -> float | None:
     return float(np.median(chosen)) if chosen else None
 
 
+# zlib level 1 (PNG is lossless at any level): a 1024x1024 output is written in a fifth of the
+# default level's time (0.09 s vs 0.43 s on one CPU core), 20 % larger.
+PNG_COMPRESSION = 1
 FRAMES_KEY = "layerscan-frames"  # PNG text chunk: the frame count of a video strip
 
 
@@ -227,9 +230,10 @@ def save_png(image: np.ndarray, path: Path) -> None:
         if image.ndim == 4:
             info = PngImagePlugin.PngInfo()
             info.add_text(FRAMES_KEY, str(image.shape[0]))
-            Image.fromarray(np.concatenate(list(image), axis=1)).save(path, format="PNG", pnginfo=info)
+            Image.fromarray(np.concatenate(list(image), axis=1)).save(
+                path, format="PNG", pnginfo=info, compress_level=PNG_COMPRESSION)
         else:
-            Image.fromarray(image).save(path, format="PNG")
+            Image.fromarray(image).save(path, format="PNG", compress_level=PNG_COMPRESSION)
 
 
 @contextlib.contextmanager

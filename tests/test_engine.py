@@ -305,3 +305,38 @@ def test_a_floor_variant_that_changes_nothing_stops_after_one_output(qwen, tmp_p
     assert floor.mean == floor.variants["latents+1ulp"]["mean"]
     again = load_or_build_baseline(loaded, SPEC, tmp_path)  # and the cache entry verifies
     assert again.cached and len(again.floor_images["attention-math"]) == 1
+
+
+def test_requantize_copies_are_made_in_the_background_and_handed_over_before_anything_is_freed(tiny_qwen_dir):
+    """The CPU copies of the BF16 weights are made while the baseline is generated, and every
+    layer holds its copy, equal to its weight, before the first FP8 configuration frees any."""
+    loaded = load_pipeline(str(tiny_qwen_dir), "cpu")
+    engine = Fp8Engine(loaded, residency="requantize")
+    weights = {name: [m.weight.detach().clone() for m in shards] for name, shards in engine._layers.items()}
+    engine.apply(None)
+    masters = engine._masters
+    assert not masters.done and all(m.bf16_master is None for m in masters.modules)
+    bf16 = _image(loaded)  # generated while the copies are made
+    engine.apply([])
+    assert masters.done
+    for name, shards in engine._layers.items():
+        for module, weight in zip(shards, weights[name]):
+            assert module.weight.numel() == 0  # freed: FP8 only
+            assert torch.equal(module.bf16_master, weight)
+    engine.apply(None)
+    assert np.array_equal(_image(loaded), bf16)
+
+
+def test_a_failed_copy_is_said_at_the_first_fp8_switch(tiny_qwen_dir, monkeypatch):
+    from layerscan.engine import MasterCopies
+
+    def no_memory(self):
+        self.error = OSError("cannot allocate memory")
+
+    monkeypatch.setattr(MasterCopies, "_copy", no_memory)
+    loaded = load_pipeline(str(tiny_qwen_dir), "cpu")
+    engine = Fp8Engine(loaded, residency="requantize")
+    engine.apply(None)
+    with pytest.raises(RuntimeError, match="could not keep CPU copies of the BF16 weights.*cannot allocate"):
+        engine.apply([])
+    assert all(m.weight.numel() for shards in engine._layers.values() for m in shards)  # nothing freed
