@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: tests the script")
     p.add_argument("--code", help="directory holding the layerscan package to measure (default: this checkout's)")
+    p.add_argument("--label", help="what the tables call this code, e.g. 'before (22249cb)'")
     p.add_argument("--plant", action="store_true",
                    help="plant a massive activation in every block's img_mlp input (as "
                         "tiny-qwen-image-outlier does), so there is an answer to find: img_mlp")
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         answer=None if outcome.recommended is None else list(outcome.recommended.config),
         floor={"mean": session.floor.mean, "worst": session.floor.worst,
                "identical_variants": list(getattr(session.floor, "identical", ()))},
-        criterion=session.criterion.describe(), code=args.code or "checkout",
+        criterion=session.criterion.describe(), code=args.code or "checkout", label=args.label,
         layerscan_package=str(Path(sys.modules["layerscan"].__file__).parent),
         peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         bf16_seconds_per_image=bf16, fp8_all_seconds_per_image=fp8_all,

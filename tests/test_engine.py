@@ -314,6 +314,8 @@ def test_requantize_copies_are_made_in_the_background_and_handed_over_before_any
     engine = Fp8Engine(loaded, residency="requantize")
     weights = {name: [m.weight.detach().clone() for m in shards] for name, shards in engine._layers.items()}
     engine.apply(None)
+    assert engine._masters is None  # BF16 as loaded: nothing copied yet, nothing to wait for
+    engine.start_master_copies()
     masters = engine._masters
     assert not masters.done and all(m.bf16_master is None for m in masters.modules)
     bf16 = _image(loaded)  # generated while the copies are made
@@ -340,3 +342,37 @@ def test_a_failed_copy_is_said_at_the_first_fp8_switch(tiny_qwen_dir, monkeypatc
     with pytest.raises(RuntimeError, match="could not keep CPU copies of the BF16 weights.*cannot allocate"):
         engine.apply([])
     assert all(m.weight.numel() for shards in engine._layers.values() for m in shards)  # nothing freed
+
+
+def test_a_session_starts_the_copies_once_its_first_baseline_output_exists(planted_dir, two_prompts, tmp_path, monkeypatch):
+    """Where the BF16 and FP8 copies do not fit side by side (forced here on the CPU), the CPU
+    copies start after the first output, whose graphs compile without them competing, and the
+    evaluations are those of the residency that keeps both copies."""
+    from diffusers import QwenImagePipeline
+
+    from layerscan.evaluate import evaluate
+    from layerscan.session import open_session
+    from layerscan.study import build_study
+
+    calls = []
+    original = QwenImagePipeline.__call__
+    monkeypatch.setattr(QwenImagePipeline, "__call__",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    started_after = []
+    start = Fp8Engine.start_master_copies
+    monkeypatch.setattr(Fp8Engine, "start_master_copies",
+                        lambda self: started_after.append(len(calls)) or start(self))
+    values = dict(model=str(planted_dir), prompts=str(two_prompts), seeds=[0], steps=2, height=32,
+                  width=32, metrics=["psnr"], criterion_metric="psnr", criterion_mean=30.0)
+    records = {}
+    for residency in ("requantize", "both"):
+        monkeypatch.setattr(Fp8Engine, "_choose_residency", lambda self, r=residency: r)
+        session = open_session(build_study(values), "cpu", cache_root=tmp_path / residency, warn=lambda m: None)
+        assert session.engine.residency == residency
+        s = session
+        records[residency] = [evaluate(s.engine, config, s.spec, s.baseline, s.scorer).per_prompt
+                              for config in ([], ["img_mlp"])]
+        if residency == "requantize":
+            assert started_after and started_after[0] >= 1  # after the first output, not before
+            assert session.engine._masters.done
+    assert records["requantize"] == records["both"]

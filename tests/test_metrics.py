@@ -668,3 +668,17 @@ def test_optional_metric_info() -> None:
     assert METRICS["mae"].format(3.14159) == "3.142"
     optional = ["cosine", "mae", "rel_l2", "temporal"]
     assert resolve_metrics(",".join(optional), "alex", allow_missing_lpips=False) == optional
+
+
+@pytest.mark.parametrize("size", [(5, 9), (64, 48), (256, 256)])
+def test_ssim_on_threads_is_skimages_number_bit_for_bit(size) -> None:
+    from skimage.metrics import structural_similarity
+
+    from layerscan.metrics import _ssim, _ssim_win_size
+
+    rng = np.random.default_rng(sum(size))
+    reference = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    image = np.clip(reference.astype(int) + rng.integers(-20, 21, reference.shape), 0, 255).astype(np.uint8)
+    expected = structural_similarity(reference, image, channel_axis=-1, data_range=255,
+                                     win_size=_ssim_win_size(*size))
+    assert _ssim(image, reference) == float(expected)
