@@ -110,10 +110,12 @@ class Fp8Engine:
 
     def start_master_copies(self) -> None:
         """Start making the requantize residency's CPU copies of the BF16 weights in the
-        background (idempotent; nothing to do for the ``both`` residency).  Best called once the
-        GPU is busy with long work that compiles nothing: the copies take CPU time, and a graph
-        compiling beside them compiles slower (a full-size Qwen-Image's first output took 49 s
-        instead of 30 s with the copies started before it)."""
+        background (idempotent; nothing to do for the ``both`` residency).
+
+        Measured on a full-size Qwen-Image (H100): started before the baseline's first output,
+        they slow its compilation (30 s to 49 s), an output no timing counts; started after it,
+        they slowed the next output from 6 s to 29 s, which would count.  Sessions start them
+        before the baseline."""
         if self.residency == "requantize" and self._masters is None:
             self._masters = MasterCopies([m for shards in self._layers.values() for m in shards])
 

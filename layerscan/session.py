@@ -155,21 +155,16 @@ def open_session(
     # denoising trajectory the proxies replay is recorded on the way, at the cost of a few copies
     # (of the first setting's: the proxies read one setting, see proxy_spec).
     parts = []
-
-    def made(index: int, seconds: float) -> None:
-        bar.update(1)
-        # The first output compiled the graphs: the weights' CPU copies are made beside the rest.
-        engine.start_master_copies()
-
+    # The requantize residency's CPU copies of the weights, made while the baseline is generated.
+    engine.start_master_copies()
     with tqdm(total=images * (1 + len(FLOOR_VARIANTS)), desc="BF16 baseline + noise floor",
               unit="img", leave=False) as bar:
         for number, part in enumerate(spec.parts()):
             with baseline_lock(loaded, part, cache_root):
                 parts.append(load_or_build_baseline(
-                    loaded, part, cache_root, on_image=made,
+                    loaded, part, cache_root, on_image=lambda i, s: bar.update(1),
                     capture=capture_trajectory(loaded, part, cache_root) if number == 0 else None,
                     warn=warn))
-    engine.start_master_copies()  # a cached baseline: made while the floor is scored
     session.baseline = join_baselines(parts)
     session.floor = measure_floor(scorer, session.baseline, [p for _, p, _ in spec.items()])
     crit = study.criterion
