@@ -120,7 +120,8 @@ def open_session(
     """
     cache_root = cache_root_or_default(cache_root)
     if loaded is None:
-        local_model_dir(study.model, cache_root)
+        with CLOCK.phase(LOAD):  # a built-in tiny model is built here on first use
+            local_model_dir(study.model, cache_root)
     prompts = read_prompts(study.prompts)
     metrics = resolve_metrics(study.metrics, study.lpips_net, allow_missing_lpips)
     if len(metrics) < len(study.metrics):
