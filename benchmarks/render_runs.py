@@ -111,62 +111,153 @@ def render_devices(runs: dict) -> list[str]:
     return out
 
 
-PLANTED = {"fullsize_planted_before.json": "before (d26011a)", "fullsize_planted_after.json": "after"}
+# One device call each: the package before (22249cb) and after, side by side, each with empty
+# compile caches.  The first pair's after is the code as shipped (the CPU copies of the weights
+# made beside the baseline from its start); the second pair's after started them once the first
+# output existed, and was dropped (RESULTS.md says why).
+PLANTED_CALLS = (
+    ("fullsize_planted_before.json", "fullsize_planted_after.json",
+     "after (36bc527): copies made beside the baseline from its start"),
+    ("fullsize_planted_before_second_call.json", "fullsize_planted_copies_after_first_output.json",
+     "after (da97838): copies started after the first output (dropped)"),
+)
+PLANTED = tuple(f for pair in PLANTED_CALLS for f in pair[:2])
+# The clock alone (6727166): where the time went while the copies were still made up front.
+PROFILE = "fullsize_planted_profile.json"
 # studies/qwen-image.toml: 8 prompts x 3 seeds at 50 steps under each setting (the measured runs:
-# 3 x 1 at 20); before its settings matrix it had one, 1024x1024.
+# 3 x 1 at 20).
 SHIPPED = {"outputs": 24, "steps": 50}
 MATRIX = "fullsize_matrix.json"
 PREFER = "prefer_gpu.json"
+BATCHING = "batching.json"
+WAN_SETTINGS = ("wan_step_33f_h100.json", "wan_step_81f_h100.json")
+
+
+def _evaluation(run: dict, config) -> dict:
+    return next(e for e in run["evaluations"] if e["config"] == config)
 
 
 def render_planted(runs: dict) -> list[str]:
-    """``bench_fullsize_run.py --plant``: the same call, the code before and after, and the shipped
-    study's time projected from the after run's measured per-image costs."""
-    out = ["Source: " + ", ".join(f"`results/runs/{f}`" for f in PLANTED) + f" ({runs[next(iter(PLANTED))]['device']}).", "",
-           "| code | answer | wall s | build / baseline+floor / search / report s | images: baseline phase / after it | "
+    """``bench_fullsize_run.py --plant``: the same call, the code before and after, where the
+    time went, and the shipped study's time projected from the measured costs."""
+    first = runs[PLANTED_CALLS[0][1]]
+    out = ["Source: " + ", ".join(f"`results/runs/{f}`" for f in PLANTED + (PROFILE,))
+           + f" ({first['device']}).", "",
+           "| call | code | answer | wall s | build / baseline+floor / search / report s | outputs: baseline phase / after it | "
            "floor variants not counted (bit-identical) | generation share after the baseline | residency |",
-           "|---|---|---|---|---|---|---|---|"]
-    for name, label in PLANTED.items():
-        d = runs[name]
-        p = d["phases_s"]
-        out.append(f"| {label} | {', '.join(d['answer'] or ['none'])} | {d['wall_s']:.1f} | {_phases(p, 1)} | "
-                   f"{d['baseline_phase_images']} / {d['search_phase_images']} | "
-                   f"{', '.join(d['floor']['identical_variants']) or 'none'} | "
-                   f"{100 * d['generation_share_after_baseline']:.0f} % | {d['residency']} |")
-    before, after = (runs[f] for f in PLANTED)
-    out += ["", f"After over before: **{after['wall_s'] / before['wall_s']:.2f}** of the wall time."]
-    # The projection: per-output seconds scale with steps; overheads (compilation, switching,
-    # proxies) are taken as measured, since they do not grow with steps or outputs.
-    a, p = after, after["phases_s"]
-    scale = SHIPPED["steps"] / a["steps"]
-    bf16 = a["bf16_seconds_per_image"] * scale
-    kept = next(e for e in a["evaluations"] if e["config"] == a["answer"])["seconds_per_image"] * scale
-    per_fp8_all = next(e for e in a["evaluations"] if e["config"] == [])["seconds_per_image"] * scale
-    n = SHIPPED["outputs"]
-    floor_outputs = n + (1 if a["floor"]["identical_variants"] else n)
-    baseline_overhead = p["baseline_and_floor"] - a["baseline_phase_generation_s"]
-    search_generation = sum(e["images"] * e["seconds_per_image"] for e in a["evaluations"] if e["config"] is not None)
-    search_overhead = max(0.0, p["search"] - search_generation)
-    report_images = a["report_generated_images"]
-    rows = [("build (random weights from configs)", p["build"]),
-            (f"BF16 baseline: {n} outputs x {bf16:.2f} s", n * bf16),
-            (f"floor: {floor_outputs} outputs x {bf16:.2f} s (latents+1ulp all, attention-math one: bit-identical)",
-             floor_outputs * bf16),
-            ("baseline-phase overhead as measured (compilation, trajectory capture)", baseline_overhead),
-            (f"FP8 everywhere, stopped after 1 output x {per_fp8_all:.2f} s (its one measured output "
-             "includes compilation, scaled with the rest: an overestimate)", per_fp8_all),
-            (f"the answer in full: {n} outputs x {kept:.2f} s", n * kept),
-            ("search overhead as measured (compilation, requantizing, proxies)", search_overhead),
-            (f"report: {report_images} grid outputs of FP8 everywhere x {per_fp8_all:.2f} s, plus the rest",
-             report_images * per_fp8_all + max(0.0, p["report"] - report_images * a["fp8_all_seconds_per_image"]))]
-    total = sum(s for _, s in rows)
-    out += ["", f"Projection for `studies/qwen-image.toml` at 1024x1024 alone, as it was before its "
-            f"settings matrix ({n} outputs at {SHIPPED['steps']} steps, auto, the planted answer), "
-            f"from the after run: seconds per output x {scale:.1f} for the steps, overheads as "
-            "measured.", "", "| part | s |", "|---|---|"]
-    out += [f"| {label} | {seconds:.0f} |" for label, seconds in rows]
-    out.append(f"| **total** | **{total:.0f} ({total / 60:.1f} min)** |")
+           "|---|---|---|---|---|---|---|---|---|"]
+    for number, (before_file, after_file, label) in enumerate(PLANTED_CALLS, 1):
+        for d, name in ((runs[before_file], runs[before_file]["label"]), (runs[after_file], label)):
+            p = d["phases_s"]
+            out.append(f"| {number} | {name} | {', '.join(d['answer'] or ['none'])} | {d['wall_s']:.1f} | {_phases(p, 1)} | "
+                       f"{d['baseline_phase_images']} / {d['search_phase_images']} | "
+                       f"{', '.join(d['floor']['identical_variants']) or 'none'} | "
+                       f"{100 * d['generation_share_after_baseline']:.0f} % | {d['residency']} |")
+    out.append("")
+    for number, (before_file, after_file, _) in enumerate(PLANTED_CALLS, 1):
+        ratio = runs[after_file]["wall_s"] / runs[before_file]["wall_s"]
+        out.append(f"After over before, call {number}: **{ratio:.2f}** of the wall time.")
+    columns = [(PROFILE, "the clock alone (6727166), copies made up front"),
+               (PLANTED_CALLS[0][1], "call 1's after"), (PLANTED_CALLS[1][1], "call 2's after")]
+    names = list(dict.fromkeys(n for f, _ in columns for n in runs[f]["timing"]["phases"]))
+    out += ["", "Where the time went (`layerscan.clock`: seconds, and how many times the phase ran; "
+            "from before the build to the end of the report, the bench's build of random weights "
+            "falling in \"everything else\"):", "",
+            "| phase | " + " | ".join(title for _, title in columns) + " |",
+            "|---|" + "---|" * len(columns)]
+    for name in names:
+        cells = []
+        for f, _ in columns:
+            ph = runs[f]["timing"]["phases"].get(name)
+            cells.append("—" if ph is None else f"{ph['seconds']:.1f}" + ("" if ph["count"] is None else f" ({ph['count']})"))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.append("| **wall** | " + " | ".join(f"**{runs[f]['timing']['wall']:.1f}**" for f, _ in columns) + " |")
+    first_outputs = [(f, runs[f]["image_calls"][:2]) for f, _ in columns]
+    out += ["", "The baseline's first two outputs (the first compiles the BF16 graphs), s: " + "; ".join(
+        f"{title} {calls[0]['seconds']:.1f}, {calls[1]['seconds']:.1f}" for (f, calls), (_, title)
+        in zip(first_outputs, columns)) + "."]
+    return out + [""] + _projection(first, runs[MATRIX], runs[PLANTED_CALLS[1][1]])
+
+
+def _projection(a: dict, matrix: dict, scored: dict) -> list[str]:
+    """The shipped study's time from measured costs: per-output seconds scale with the steps;
+    compilation, preparation, switching, proxies and the report are taken as measured (they do
+    not grow with steps); scoring and saving per output as ``scored`` measured them (the code
+    whose SSIM runs on threads), times the outputs.  The second setting's per-output costs come
+    from the matrix run (same GPU model; the DiT's work per output is what this change leaves
+    alone)."""
+    scale, n = SHIPPED["steps"] / a["steps"], SHIPPED["outputs"]
+    ph = {name: v["seconds"] for name, v in a["timing"]["phases"].items()}
+    bf16 = {1024: a["bf16_seconds_per_image"]}
+    kept = {1024: _evaluation(a, a["answer"])["seconds_per_image"]}
+    m_calls = _calls_by_evaluation(matrix)
+    m_base = [c["seconds"] for c in matrix["image_calls"] if c["phase"] == "baseline" and c["height"] == 1328]
+    m_answer = next(e["label"] for e in matrix["evaluations"] if e["config"] == matrix["answer"])
+    bf16[1328], kept[1328] = _steady(m_base), _steady(m_calls[m_answer][1328])
+    fp8_all_1024 = _median(m_calls["report"][1024])  # compile-free FP8 everywhere, the matrix run's
+    identical = bool(a["floor"]["identical_variants"])
+    # Compilation: what the outputs that compiled took beyond a compile-free output of their
+    # configuration; the second setting's recompilation (another shape) as the matrix run saw it.
+    first_fp8_all = _evaluation(a, [])
+    compiled = [c["seconds"] for c in a["image_calls"]]
+    compile_1024 = (compiled[0] - bf16[1024]) + (first_fp8_all["seconds_per_image"] - fp8_all_1024) + \
+        (_first_after(a, a["answer"]) - kept[1024])
+    compile_1328 = (m_base[0] - bf16[1328]) + (m_calls[m_answer][1328][0] - kept[1328])
+    sp = scored["timing"]["phases"]
+    per_output = (sp["scoring"]["seconds"] + sp["saving outputs"]["seconds"]) / scored["images_generated"]
+    fixed = [("build (random weights from configs)", a["phases_s"]["build"]),
+             ("preparing FP8 layers, as measured (what the baseline did not hide)", ph.get("preparing FP8 layers", 0.0)),
+             ("switching precision, proxies, report and the rest, as measured",
+              sum(ph.get(k, 0.0) for k in ("switching precision", "proxies", "writing the report", "loading the pipeline"))
+              + max(0.0, ph.get("everything else", 0.0) - a["phases_s"]["build"]))]
+
+    def study(sizes: list[int]) -> tuple[list[tuple[str, float]], float]:
+        attention = {h: 1 if identical else n for h in sizes}
+        outputs = sum(n * 2 + attention[h] + n for h in sizes) + 1
+        rows = fixed[:1] + [
+            (f"BF16 baseline: {n} outputs under each setting, " + " + ".join(f"{bf16[h] * scale:.1f}" for h in sizes)
+             + " s", n * sum(bf16[h] for h in sizes) * scale),
+            ("floor, latents+1ulp: the same", n * sum(bf16[h] for h in sizes) * scale),
+            ("floor, attention-math: " + ("1 output per setting (bit-identical, as measured)" if identical
+                                          else f"{n} outputs per setting (it changed the outputs here)"),
+             sum(attention[h] * bf16[h] for h in sizes) * scale),
+            (f"FP8 everywhere, stopped after 1 output at 1024x1024: {fp8_all_1024 * scale:.1f} s",
+             fp8_all_1024 * scale),
+            (f"the answer in full: {n} outputs under each setting, " + " + ".join(f"{kept[h] * scale:.1f}" for h in sizes)
+             + " s", n * sum(kept[h] for h in sizes) * scale),
+            ("compilation (and the CPU copies made beside the first output), as measured"
+             + (" (the second setting's: from the matrix run)" if len(sizes) > 1 else ""),
+             compile_1024 + (compile_1328 if len(sizes) > 1 else 0.0)),
+            (f"scoring and saving: {outputs} outputs x {per_output:.2f} s (as call 2 measured them)",
+             outputs * per_output),
+        ] + fixed[1:]
+        return rows, sum(s for _, s in rows)
+
+    out = []
+    for sizes, title in (([1024], "at 1024x1024 alone"), ([1024, 1328], "with its two settings, 1024x1024 and 1328x1328")):
+        rows, total = study(sizes)
+        out += [f"Projection for `studies/qwen-image.toml` {title} ({n} outputs per setting at "
+                f"{SHIPPED['steps']} steps, auto, the planted answer), from an empty cache: seconds per output "
+                f"x {scale:.1f} for the steps.", "", "| part | s |", "|---|---|"]
+        out += [f"| {label} | {seconds:.0f} |" for label, seconds in rows]
+        out += [f"| **total** | **{total:.0f} ({total / 60:.1f} min)** |", ""]
+    floor_two = n * sum(bf16[h] + kept[h] for h in (1024, 1328)) * scale
+    out.append(f"Lower bound for the two settings, whatever the overheads and the floor: the BF16 baseline "
+               f"and the answer's full evaluation alone take {floor_two:.0f} s ({floor_two / 60:.1f} min).")
     return out
+
+
+def _first_after(run: dict, config) -> float:
+    """Seconds of the first output an evaluation generated (the one that compiled its graphs)."""
+    calls = [c["seconds"] for c in run["image_calls"] if c["phase"] == "after"]
+    position = 0
+    for e in run["evaluations"]:
+        if e["config"] is None:
+            continue
+        if e["config"] == config:
+            return calls[position]
+        position += e["images"]
+    raise KeyError(config)
 
 
 def _median(values: list[float]) -> float:
@@ -219,40 +310,49 @@ def render_matrix(runs: dict) -> list[str]:
     for h in sizes:
         ratio = f"{bf16[h] / fp8_all[h]:.2f}x" if h in fp8_all else "—"
         out.append(f"| {h}x{h} | {bf16[h]:.2f} | {fp8_all.get(h, float('nan')):.2f} | {kept[h]:.2f} | {ratio} |")
-    # The projection: per-output seconds scale with steps; overheads as measured.
-    scale, n = SHIPPED["steps"] / d["steps"], SHIPPED["outputs"]
-    floor_outputs = {h: len(baseline[h]) - d["images_per_configuration"] for h in sizes}
-    identical_at = [h for h in sizes if floor_outputs[h] < 2 * d["images_per_configuration"]]
-    per_setting = sum(bf16.values()) * scale
-    attention_seconds = sum((1 if h in identical_at else n) * bf16[h] * scale for h in sizes)
-    first_fp8 = by_eval["FP8 all"][sizes[0]][0] * scale
-    search_generation = sum(sum(sum(v) for v in by_eval[e["label"]].values())
-                            for e in d["evaluations"] if e["config"] is not None)
-    report_grid = sum(sum(v) for v in by_eval.get("report", {}).values())
-    rows = [("build (random weights from configs)", p["build"]),
-            (f"BF16 baseline: {n} outputs under each setting, " + " + ".join(
-                f"{bf16[h] * scale:.1f}" for h in sizes) + " s", n * per_setting),
-            ("floor, latents+1ulp: the same", n * per_setting),
-            ("floor, attention-math: " + ", ".join(
-                f"{h}: {'1 output (bit-identical)' if h in identical_at else f'{n} outputs'}" for h in sizes),
-             attention_seconds),
-            ("baseline-phase overhead as measured (compilation, trajectory capture)",
-             p["baseline_and_floor"] - d["baseline_phase_generation_s"]),
-            (f"FP8 everywhere, stopped after 1 output at {sizes[0]}x{sizes[0]} (its measured output "
-             "includes compilation: an overestimate)", first_fp8),
-            (f"the answer in full: {n} outputs under each setting, " + " + ".join(
-                f"{kept[h] * scale:.1f}" for h in sizes) + " s", n * sum(kept.values()) * scale),
-            ("search overhead as measured (compilation, requantizing, proxies)",
-             max(0.0, p["search"] - search_generation)),
-            ("report: the grid's FP8-everywhere outputs, scaled, plus the rest as measured",
-             report_grid * scale + max(0.0, p["report"] - report_grid))]
-    total = sum(seconds for _, seconds in rows)
-    out += ["", f"Projection for `studies/qwen-image.toml` with its two settings ({n} outputs at "
-            f"{SHIPPED['steps']} steps under each of " + ", ".join(f"{h}x{h}" for h in sizes)
-            + f", auto, the planted answer), from this run: seconds per output x {scale:.1f} for the "
-            "steps, overheads as measured.", "", "| part | s |", "|---|---|"]
-    out += [f"| {label} | {seconds:.0f} |" for label, seconds in rows]
-    out.append(f"| **total** | **{total:.0f} ({total / 60:.1f} min)** |")
+    return out
+
+
+def render_batching(runs: dict) -> list[str]:
+    """``bench_batching.py``: one DiT call on a batch of two against two calls of one."""
+    d = runs[BATCHING]
+    out = [f"Source: `results/runs/{BATCHING}` ({d['device']}; `{d['command']}`); {d['image_tokens']} image "
+           f"tokens ({d['size']}x{d['size']}), {d['residency']} residency.", "",
+           "| mode | precision | two calls of one, s | one call of two, s | gain |", "|---|---|---|---|---|"]
+    out += [f"| {r['mode']} | {r['precision']} | {r['two_calls_of_one_s']:.3f} | {r['one_call_of_two_s']:.3f} | "
+            f"{r['gain']:.2f}x |" for r in d["rows"]]
+    return out
+
+
+def render_wan_settings(runs: dict) -> list[str]:
+    """``bench_wan_step.py --frames``: one expert's step at each clip length of the shipped
+    study, and the whole study's time from them (every setting's videos, both experts: each step
+    runs one of two experts of one shape, so one expert's step is the unit)."""
+    steps = [runs[f] for f in WAN_SETTINGS]
+    out = ["Source: " + ", ".join(f"`results/runs/{f}`" for f in WAN_SETTINGS) + f" ({steps[0]['device']}, "
+           f"{steps[0]['mode']}).", "",
+           "| clip | tokens (video + text) | BF16 s per DiT call | FP8 everywhere | FP8 on ffn only | peak GPU GB (FP8) |",
+           "|---|---|---|---|---|---|"]
+    for d in steps:
+        c, t = d["clip"], d["step_s"]
+        out.append(f"| {c['frames']} frames, {c['height']}x{c['width']} | {c['video_tokens']:,} + {c['text_tokens']} | "
+                   f"{t['bf16']:.2f} | {t['fp8_all']:.2f} | {t['fp8_ffn_only']:.2f} | "
+                   f"{_gb(d['peak_memory_bytes']['fp8_all'])} |")
+    e = [d["estimate"] for d in steps]
+    videos, baseline_videos = e[0]["videos_per_configuration"], e[0]["baseline_videos"]
+    bf16 = sum(x["seconds_per_video"]["bf16"] for x in e)
+    per_config = [videos * sum(x["seconds_per_video"][k] for x in e) for k in ("fp8_all", "fp8_ffn_only")]
+    baseline = baseline_videos * bf16
+    hours = lambda seconds: seconds / 3600  # noqa: E731
+    out += ["", f"Estimate for `studies/wan2.2.toml` (both settings, {steps[0]['study']['steps']} steps, CFG: "
+            f"{e[0]['dit_calls_per_video']} DiT calls per video, {videos} videos per configuration under each "
+            f"setting): BF16 baseline and noise floor {baseline_videos} videos per setting, "
+            f"{hours(baseline):.2f} h; {hours(per_config[0]):.2f}-{hours(per_config[1]):.2f} h per FP8 "
+            "configuration (every video of both settings)."]
+    for key in ("auto_one_group", "greedy", "exhaustive"):
+        n = e[0]["runs"][key]["configurations"]
+        out.append(f"- {key.replace('_', ' ')} ({n} configurations): "
+                   f"{hours(baseline + n * per_config[0]):.1f}-{hours(baseline + n * per_config[1]):.1f} h")
     return out
 
 
@@ -296,7 +396,7 @@ def render_batch_workers(runs: dict) -> list[str]:
 
 BLOCKS = {"fullsize": render_fullsize, "wan_step": render_wan, "devices": render_devices,
           "batch_workers": render_batch_workers, "planted": render_planted, "matrix": render_matrix,
-          "prefer": render_prefer}
+          "prefer": render_prefer, "batching": render_batching, "wan_settings": render_wan_settings}
 
 
 def render(runs_dir: Path = RUNS_DIR) -> dict[str, str]:
@@ -305,7 +405,7 @@ def render(runs_dir: Path = RUNS_DIR) -> dict[str, str]:
 
 
 def check(doc_path: Path = DOC, runs_dir: Path = RUNS_DIR) -> list[str]:
-    known = set(FULLSIZE) | set(DEVICES) | set(PLANTED) | {"wan_step.json", "batch_workers.json", MATRIX, PREFER}
+    known = set(FULLSIZE) | set(DEVICES) | set(PLANTED) | set(WAN_SETTINGS) | {PROFILE, BATCHING, "wan_step.json", "batch_workers.json", MATRIX, PREFER}
     problems = [f"results/runs/{p.name} is not declared in render_runs"
                 for p in sorted(runs_dir.glob("*.json")) if p.name not in known]
     found, marker_problems = blocks_in(doc_path.read_text(), MARKER)
