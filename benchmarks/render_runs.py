@@ -112,9 +112,9 @@ def render_devices(runs: dict) -> list[str]:
 
 
 # One device call each: the package before (22249cb) and after, side by side, each with empty
-# compile caches.  The first pair's after is the code as shipped (the CPU copies of the weights
-# made beside the baseline from its start); the second pair's after started them once the first
-# output existed, and was dropped (RESULTS.md says why).
+# compile caches.  The first pair's after made the CPU copies of the weights beside the baseline
+# from its start, as the code does now (it predates SSIM on threads); the second pair's after
+# started them once the first output existed, and was dropped (RESULTS.md says why).
 PLANTED_CALLS = (
     ("fullsize_planted_before.json", "fullsize_planted_after.json",
      "after (36bc527): copies made beside the baseline from its start"),

@@ -54,19 +54,21 @@ class PhaseClock:
         """Charge the block's time to ``name`` (less the phases inside it); the block may
         rename its frame (``frame.name = ...``) once it knows what it was."""
         frame = _Frame(name)
-        _synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         self._stack.append(frame)
         try:
             yield frame
         finally:
-            _synchronize(device)
-            elapsed = time.perf_counter() - began
-            self._stack.pop()
-            self.seconds[frame.name] += elapsed - frame.inner
-            self.counts[frame.name] += 1
-            if self._stack:
-                self._stack[-1].inner += elapsed
+            try:
+                synchronize(device)
+            finally:  # charged and unwound even when the device reports an error here
+                elapsed = time.perf_counter() - began
+                self._stack.pop()
+                self.seconds[frame.name] += elapsed - frame.inner
+                self.counts[frame.name] += 1
+                if self._stack:
+                    self._stack[-1].inner += elapsed
 
     def snapshot(self) -> "Snapshot":
         return Snapshot(time.perf_counter(), dict(self.seconds), dict(self.counts))
@@ -107,7 +109,9 @@ def timing_line(timing: dict) -> str:
     return f"time: {wall:.1f} s ({shares}); {made} output{'' if made == 1 else 's'} generated"
 
 
-def _synchronize(device: "torch.device | None") -> None:
+def synchronize(device: "torch.device | None") -> None:
+    """Wait for the device's queued work (GPU work is asynchronous; a timer must not stop
+    before it ends)."""
     if device is not None and device.type == "cuda":
         import torch
 

@@ -9,6 +9,7 @@ weight storage (the ``seed`` target's text encoder and VAE) are switched as a wh
 
 from __future__ import annotations
 
+import atexit
 import threading
 from typing import Sequence
 
@@ -112,12 +113,19 @@ class Fp8Engine:
         """Start making the requantize residency's CPU copies of the BF16 weights in the
         background (idempotent; nothing to do for the ``both`` residency).
 
-        Measured on a full-size Qwen-Image (H100): started before the baseline's first output,
-        they slow its compilation (30 s to 49 s), an output no timing counts; started after it,
-        they slowed the next output from 6 s to 29 s, which would count.  Sessions start them
-        before the baseline."""
+        Only beside an output no timing counts: measured on a full-size Qwen-Image (H100), the
+        copies slowed the output they overlapped from 6 s to 29 s.  Sessions start them before
+        a compiled pipeline's first output (which compiles its graphs: 30 s became 49 s) and
+        ``finish_master_copies`` once it exists."""
         if self.residency == "requantize" and self._masters is None:
             self._masters = MasterCopies([m for shards in self._layers.values() for m in shards])
+
+    def finish_master_copies(self) -> None:
+        """Wait for copies started in the background, if any (what is left of them shows as
+        preparation)."""
+        if self._masters is not None and not self._masters.done:
+            with CLOCK.phase(PREPARE, self.loaded.device):
+                self._masters.wait()
 
     def _switch(self, config: Ignored, layers: bool = True) -> None:
         skipped = set() if config is None else self.index.skipped(config)
@@ -170,11 +178,14 @@ class MasterCopies:
     """CPU copies of the W8A8 layers' BF16 weights, made in the background.
 
     The requantize residency frees a layer's BF16 weight while it runs in FP8 and restores it
-    from a CPU copy.  Copying 40 GB (a 20 B DiT) into page-locked memory takes tens of seconds,
-    and nothing needs the copies before the first FP8 configuration: they are made by a thread,
-    on a stream of their own, while the BF16 baseline is generated on the weights they copy
-    (which nothing writes meanwhile).  ``wait`` hands them to the layers; the engine calls it
-    before any switch that could free a weight.
+    from a CPU copy.  Copying 40 GB (a 20 B DiT) into page-locked memory took 41 s up front on a
+    full-size Qwen-Image, and nothing needs the copies before the first FP8 configuration: a
+    thread makes them on a stream of its own while the baseline's first output compiles its
+    graphs on the weights they copy (which nothing writes meanwhile).  ``wait`` hands them to the
+    layers; the engine calls it before any switch that could free a weight.
+
+    A process leaving while the thread is inside CUDA calls would abort at interpreter shutdown,
+    so every unfinished copier is stopped between layers and joined at exit (``_stop_all``).
     """
 
     def __init__(self, modules: list[Fp8Linear]) -> None:
@@ -182,30 +193,40 @@ class MasterCopies:
         self.copies: list[torch.Tensor] = []
         self.error: BaseException | None = None
         self.done = False
+        self._stop = threading.Event()
         device = modules[0].weight.device if modules else torch.device("cpu")
         self._stream = None
         if device.type == "cuda":
             self._stream = torch.cuda.Stream(device)
             self._stream.wait_stream(torch.cuda.current_stream(device))  # the weights as they are now
         self._thread = threading.Thread(target=self._copy, name="layerscan-master-copies", daemon=True)
+        _RUNNING.add(self)
         self._thread.start()
 
     def _copy(self) -> None:
         try:
             if self._stream is None:
-                self.copies = [m.weight.data.to("cpu", copy=True) for m in self.modules]
+                for module in self.modules:
+                    if self._stop.is_set():
+                        return
+                    self.copies.append(module.weight.data.to("cpu", copy=True))
                 return
             with torch.cuda.stream(self._stream):
                 for module in self.modules:
+                    if self._stop.is_set():
+                        return
                     weight = module.weight.data
                     copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
                     copy.copy_(weight, non_blocking=True)
+                    # Should the weight be freed before the copy ran, its memory waits for it.
+                    weight.record_stream(self._stream)
                     self.copies.append(copy)
         except BaseException as exc:  # raised in the caller's thread by wait()
             self.error = exc
 
     def wait(self) -> None:
         self._thread.join()
+        _RUNNING.discard(self)
         if self.error is not None:
             raise RuntimeError(f"could not keep CPU copies of the BF16 weights for the requantize "
                                f"residency: {self.error}") from self.error
@@ -214,6 +235,23 @@ class MasterCopies:
         for module, copy in zip(self.modules, self.copies):
             module.bf16_master = copy
         self.done = True
+
+    def stop(self) -> None:
+        """Stop after the layer being copied and let its copy land (at exit)."""
+        self._stop.set()
+        self._thread.join()
+        if self._stream is not None:
+            self._stream.synchronize()
+        _RUNNING.discard(self)
+
+
+_RUNNING: set[MasterCopies] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for copier in list(_RUNNING):
+        copier.stop()
 
 
 def _param_sizes(module: nn.Module) -> dict[int, tuple[int, int]]:

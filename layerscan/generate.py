@@ -32,7 +32,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from layerscan.cache import cache_root_or_default
-from layerscan.clock import CLOCK, COMPILE, GENERATE, SAVE
+from layerscan.clock import CLOCK, COMPILE, GENERATE, SAVE, synchronize
 from layerscan.errors import NonFiniteOutput, UserError
 from layerscan.pipeline import LoadedPipeline
 
@@ -140,11 +140,6 @@ def _call_kwargs(pipe, spec: GenerationSpec) -> dict:
             kwargs["image"] = img.convert("RGB")
     kwargs.update(dict(spec.extra))
     return kwargs
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def generate_image(loaded: LoadedPipeline, spec: GenerationSpec, prompt: str, seed: int) -> np.ndarray:

@@ -156,14 +156,20 @@ def open_session(
     # denoising trajectory the proxies replay is recorded on the way, at the cost of a few copies
     # (of the first setting's: the proxies read one setting, see proxy_spec).
     parts = []
-    # The requantize residency's CPU copies of the weights, made while the baseline is generated.
-    engine.start_master_copies()
+    compiled = getattr(loaded.transformer, "_layerscan_compiled", False)
+    if compiled:  # the requantize residency's CPU copies, beside the output that compiles
+        engine.start_master_copies()
+
+    def made(index: int, seconds: float) -> None:
+        bar.update(1)
+        engine.finish_master_copies()  # no output the BF16 timing counts runs beside them
+
     with tqdm(total=images * (1 + len(FLOOR_VARIANTS)), desc="BF16 baseline + noise floor",
               unit="img", leave=False) as bar:
         for number, part in enumerate(spec.parts()):
             with baseline_lock(loaded, part, cache_root):
                 parts.append(load_or_build_baseline(
-                    loaded, part, cache_root, on_image=lambda i, s: bar.update(1),
+                    loaded, part, cache_root, on_image=made,
                     capture=capture_trajectory(loaded, part, cache_root) if number == 0 else None,
                     warn=warn))
     session.baseline = join_baselines(parts)

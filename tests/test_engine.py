@@ -344,35 +344,96 @@ def test_a_failed_copy_is_said_at_the_first_fp8_switch(tiny_qwen_dir, monkeypatc
     assert all(m.weight.numel() for shards in engine._layers.values() for m in shards)  # nothing freed
 
 
-def test_a_session_makes_the_copies_beside_its_baseline(planted_dir, two_prompts, tmp_path, monkeypatch):
-    """Where the BF16 and FP8 copies do not fit side by side (forced here on the CPU), the CPU
-    copies start before the baseline's first output and are made while it is generated, and the
-    evaluations are those of the residency that keeps both copies."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_session_makes_the_copies_beside_an_output_no_timing_counts(planted_dir, two_prompts, tmp_path,
+                                                                      monkeypatch, compile):
+    """Where the BF16 and FP8 copies do not fit side by side (forced here on the CPU), a compiled
+    pipeline makes the CPU copies beside the baseline's first output (the one that compiles, left
+    out of every timing) and has them before the second; an eager one makes them when the first
+    FP8 configuration needs them.  Either way the evaluations are the ``both`` residency's."""
     from diffusers import QwenImagePipeline
 
+    from layerscan.engine import MasterCopies
     from layerscan.evaluate import evaluate
     from layerscan.session import open_session
     from layerscan.study import build_study
 
-    calls = []
+    events = []
     original = QwenImagePipeline.__call__
     monkeypatch.setattr(QwenImagePipeline, "__call__",
-                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    started_after = []
-    start = Fp8Engine.start_master_copies
-    monkeypatch.setattr(Fp8Engine, "start_master_copies",
-                        lambda self: started_after.append(len(calls)) or start(self))
+                        lambda self, *a, **k: events.append("output") or original(self, *a, **k))
+    for name in ("__init__", "wait"):
+        method = getattr(MasterCopies, name)
+        monkeypatch.setattr(MasterCopies, name,
+                            lambda self, *a, _m=method, _n=name: events.append(_n) or _m(self, *a))
     values = dict(model=str(planted_dir), prompts=str(two_prompts), seeds=[0], steps=2, height=32,
-                  width=32, metrics=["psnr"], criterion_metric="psnr", criterion_mean=30.0)
+                  width=32, metrics=["psnr"], criterion_metric="psnr", criterion_mean=30.0,
+                  compile=compile)
     records = {}
     for residency in ("requantize", "both"):
+        events.clear()
         monkeypatch.setattr(Fp8Engine, "_choose_residency", lambda self, r=residency: r)
-        session = open_session(build_study(values), "cpu", cache_root=tmp_path / residency, warn=lambda m: None)
-        assert session.engine.residency == residency
-        s = session
+        s = open_session(build_study(values), "cpu", cache_root=tmp_path / residency, warn=lambda m: None)
+        assert s.engine.residency == residency
+        baseline_events = list(events)
         records[residency] = [evaluate(s.engine, config, s.spec, s.baseline, s.scorer).per_prompt
                               for config in ([], ["img_mlp"])]
-        if residency == "requantize":
-            assert started_after and started_after[0] == 0  # before the first output
-            assert session.engine._masters.done
+        if residency == "both":
+            assert "__init__" not in events
+        elif compile:
+            assert baseline_events[:4] == ["__init__", "output", "wait", "output"]
+        else:
+            assert "__init__" not in baseline_events
+            assert events[len(baseline_events):len(baseline_events) + 3] == ["__init__", "wait", "output"]
     assert records["requantize"] == records["both"]
+
+
+def test_copies_still_running_at_exit_are_stopped_between_layers():
+    from layerscan.engine import MasterCopies, _RUNNING, _stop_all
+
+    layers = [Fp8Linear.convert(torch.nn.Linear(256, 256)) for _ in range(64)]
+    copier = MasterCopies(layers)
+    _stop_all()  # what the interpreter runs at exit
+    assert not copier._thread.is_alive() and copier not in _RUNNING
+    assert len(copier.copies) <= len(layers)
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@_CUDA
+def test_copies_on_their_stream_see_the_weights_as_the_default_stream_left_them():
+    """The copier's stream waits for the default stream's work queued before it started: a
+    weight still being written there is copied as written."""
+    from layerscan.engine import MasterCopies
+
+    layers = [Fp8Linear.convert(torch.nn.Linear(1024, 1024, device="cuda", dtype=torch.bfloat16))
+              for _ in range(32)]
+    torch.cuda._sleep(200_000_000)  # keep the default stream busy
+    for number, layer in enumerate(layers):
+        layer.weight.data.fill_(number)  # queued behind the sleep
+    copier = MasterCopies(layers)
+    copier.wait()
+    assert all(bool((layer.bf16_master == number).all()) and layer.bf16_master.is_pinned()
+               for number, layer in enumerate(layers))
+
+
+@_CUDA
+def test_a_process_leaving_while_its_copies_run_exits_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import torch\n"
+        "from layerscan.engine import MasterCopies\n"
+        "from layerscan.fp8 import Fp8Linear\n"
+        "layers = [Fp8Linear.convert(torch.nn.Linear(8192, 8192, device='cuda', dtype=torch.bfloat16))\n"
+        "          for _ in range(48)]\n"
+        "MasterCopies(layers)\n"
+        "raise SystemExit(3)\n")  # an error, or Ctrl-C, while the copies run
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    # Without stopping the copier at exit the interpreter aborted (SIGABRT: -6, "terminate called
+    # without an active exception").
+    assert done.returncode == 3, done.stderr[-500:]
+    assert "terminate called" not in done.stderr

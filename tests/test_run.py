@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import signal
@@ -244,3 +245,11 @@ def test_no_image_is_generated_twice_in_a_run(planted_dir, two_prompts, tmp_path
     calls.clear()
     _run(planted_dir, out, two_prompts, "--strategy", "greedy", "--cache-dir", str(tmp_path / "cache"))
     assert calls == []
+    # The outputs gone from the cache (another worker's, another cache's): still nothing is
+    # generated, and the report says which columns its grid lacks.
+    shutil.rmtree(cache / "trials")
+    _run(planted_dir, out, two_prompts, "--strategy", "greedy", "--cache-dir", str(tmp_path / "cache"))
+    assert calls == []
+    report = (out / "report.md").read_text()
+    assert ("Not shown: FP8 everywhere and the recommended configuration, whose images are not in "
+            "this run's cache") in report

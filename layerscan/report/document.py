@@ -215,28 +215,19 @@ def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) 
     pipeline the frame strips of the same clips, and the outputs behind it in ``images/`` (a
     video as one PNG of its frames side by side), taken from the evaluations.
 
-    Nothing is generated for it: its rows are the first outputs every column made.  A stopped
-    evaluation (FP8 everywhere, typically) made only the outputs that proved its failure, so the
-    grid may have fewer rows than ``GRID_PROMPTS``; ``_markdown`` says why."""
+    Nothing is generated for it: its rows are the first outputs every column has in this run's
+    cache.  A stopped evaluation (FP8 everywhere, typically) made only the outputs that proved
+    its failure, so the grid may have fewer rows than ``GRID_PROMPTS``, and a configuration
+    another worker of a shared study evaluated has its outputs in that worker's cache, so its
+    column is left out; ``_grid_note`` says which."""
     ledger, spec = outcome.ledger, session.spec
-    count = len(spec.items())
-    columns = [("BF16", None)]
-    if fp8_all is not None and fp8_all.status != "failed":
-        columns.append(("FP8 all", ()))
-    if rec is not None and rec.config:
-        columns.append(("recommended", rec.config))
-    # Columns of unfinished evaluations first: their outputs decide the rows.
-    found = {title: ledger.images_of(config, list(range(count))) for title, config in columns
-             if config is not None and _unfinished(ledger.recorded(config))}
-    columns = [(t, c) for t, c in columns if t not in found or found[t]]
-    rows = [i for i in range(count) if all(i in images for images in found.values() if images)]
-    rows = rows[:GRID_PROMPTS]
-    for title, config in columns:
-        if title not in found:
-            found[title] = ledger.images_of(config, rows)
-    columns = [(t, c) for t, c in columns if all(i in found[t] for i in rows)]
+    columns = _grid_columns(fp8_all, rec)
+    present = {title: ledger.outputs_on_disk(config) for title, config in columns}
+    columns = [(t, c) for t, c in columns if present[t]]  # none here: another worker's, or another cache's
+    rows = [i for i in range(len(spec.items())) if all(i in present[t] for t, _ in columns)][:GRID_PROMPTS]
     if not rows or not columns:
         return None
+    found = {title: ledger.images_of(config, rows) for title, config in columns}
     image_dir = out_dir / "images"
     image_dir.mkdir(exist_ok=True)
     for title, _ in columns:
@@ -252,19 +243,36 @@ def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) 
     return "images.png"
 
 
-def _unfinished(record: TrialRecord | None) -> bool:
-    return record is None or record.status != "complete"
+_TITLES = {"FP8 all": "FP8 everywhere", "recommended": "the recommended configuration"}
 
 
-def _grid_note(session: Session, fp8_all) -> str:
-    """Why the grid has fewer rows than it could: FP8 everywhere stopped early."""
+def _grid_columns(fp8_all, rec) -> list[tuple[str, tuple | None]]:
+    """The grid's columns: BF16, FP8 everywhere (unless it failed to run), the recommendation."""
+    columns = [("BF16", None)]
+    if fp8_all is not None and fp8_all.status != "failed":
+        columns.append(("FP8 all", ()))
+    if rec is not None and rec.config:
+        columns.append(("recommended", rec.config))
+    return columns
+
+
+def _grid_note(session: Session, outcome: RunOutcome, fp8_all, rec) -> str:
+    """Why the grid shows less than it could: FP8 everywhere stopped early, or a column whose
+    outputs are not in this run's cache."""
+    ledger, output = outcome.ledger, _output_word(session)
+    note = ""
     shown = min(GRID_PROMPTS, len(session.spec.items()))
-    if fp8_all is None or fp8_all.status != "stopped" or len(fp8_all.per_prompt) >= shown:
-        return ""
-    made = len(fp8_all.per_prompt)
-    return (f" FP8 everywhere was stopped after {made} {_output_word(session)}(s), once they proved "
-            "its failure; the report generates nothing of its own, so the grid shows "
-            f"{'that one' if made == 1 else 'those'}.")
+    if fp8_all is not None and fp8_all.status == "stopped" and len(fp8_all.per_prompt) < shown:
+        made = len(fp8_all.per_prompt)
+        note += (f" FP8 everywhere was stopped after {made} {output}(s), once they proved its "
+                 "failure; the report generates nothing of its own, so the grid shows "
+                 f"{'that one' if made == 1 else 'those'}.")
+    absent = [title for title, config in _grid_columns(fp8_all, rec)[1:]
+              if not ledger.outputs_on_disk(config)]
+    if absent:
+        note += (f" Not shown: {' and '.join(_TITLES[t] for t in absent)}, whose {output}s are not in this run's cache "
+                 "(evaluated by another worker of a shared study, or under another cache).")
+    return note
 
 
 def _cost(outcome: RunOutcome) -> dict:
@@ -519,7 +527,8 @@ def _timing_section(timing: dict | None, output: str) -> list[str]:
     rate = (f", {timing['outputs_generated'] / generated:.3g} {output}s per second of generation"
             if generated > 0 else "")
     return ["## Where the time went", "",
-            f"This invocation, up to writing this report: {wall:.1f} s, {timing['outputs_generated']} "
+            f"This invocation (this process; the helper processes of `--workers` and `--gpus` "
+            f"keep their own clocks), up to writing this report: {wall:.1f} s, {timing['outputs_generated']} "
             f"{output}s generated{rate}; generating them took {100 * timing['generation_share']:.0f} % "
             "of the time. A phase's seconds leave out the phases inside it (a precision switch "
             "during the proxies counts as switching).", "",
@@ -673,10 +682,10 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
                 f"frames (frames {', '.join(map(str, strip_frames(frames)))} of {frames}), each "
                 "FP8 row followed by its absolute-difference heat maps against BF16. Every frame is "
                 "scored: the metrics are means over all frames, and `temporal` is the flicker FP8 "
-                "adds from frame to frame." + _grid_note(session, fp8_all), "", f"![frames]({grid})", ""]
+                "adds from frame to frame." + _grid_note(session, outcome, fp8_all, rec), "", f"![frames]({grid})", ""]
     elif grid:
         out += ["## Images", "", "BF16, FP8 everywhere and the recommended configuration, with "
-                "absolute-difference heat maps against BF16." + _grid_note(session, fp8_all), "",
+                "absolute-difference heat maps against BF16." + _grid_note(session, outcome, fp8_all, rec), "",
                 f"![images]({grid})", ""]
     out += ["## Files", "", "- `recommendation.json`: the config to paste, with its numbers",
             "- `row.md`: the supported-models table row", "- `trials.csv`: every configuration",

@@ -2,8 +2,8 @@
 
 Every question about a configuration goes through here: is it known (and does its record still
 answer under today's criterion)?  may a new evaluation start (trial budget, deadline)?  record
-it (one fsynced JSON line, so Ctrl-C loses nothing and a rerun resumes), keep its images (so the
-report never generates them again), and what is the answer (the recommendation and the Pareto
+it (one fsynced JSON line, so Ctrl-C loses nothing and a rerun resumes), keep its images (the
+report's grid draws on them), and what is the answer (the recommendation and the Pareto
 front)?  The files themselves are :mod:`layerscan.search.store`'s.  ``layerscan run`` and ``layerscan worker`` both build one; strategies receive it through
 their ``SearchContext`` and only decide which configurations to ask for.
 """
@@ -241,6 +241,14 @@ class TrialLedger:
                     full_evaluations=generated / total if total else 0.0)
 
     # --- images ---------------------------------------------------------------------------------
+
+    def outputs_on_disk(self, config: Ignored) -> set[int]:
+        """Indices of the outputs of ``config`` this run can show: every one for BF16, else those
+        its evaluation saved in this cache (another worker's are in that worker's cache)."""
+        count = self.image_count
+        if config is None:
+            return set(range(count))
+        return self.images.present(config, [self.session.spec.image_name(i) for i in range(count)])
 
     def images_of(self, config: Ignored, indices: list[int]) -> dict[int, np.ndarray]:
         """The outputs of ``config`` at ``indices`` that exist: the baseline's for BF16, else

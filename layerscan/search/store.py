@@ -111,6 +111,11 @@ class TrialImages:
     def directory(self, config: Ignored) -> Path:
         return self.root / config_digest(config)
 
+    def present(self, config: Ignored, names: list[str]) -> set[int]:
+        """Indices into ``names`` of the images on disk for ``config``."""
+        directory = self.directory(config)
+        return {index for index, name in enumerate(names) if (directory / name).is_file()}
+
     def load(self, config: Ignored, names: list[str]) -> dict[int, np.ndarray]:
         """The images on disk for ``config``, by index into ``names``."""
         directory = self.directory(config)
@@ -121,7 +126,7 @@ class TrialImages:
                 try:
                     found[index] = load_png(path)
                 except OSError:
-                    continue  # a PNG cut short by a kill: generated again if needed
+                    continue  # a PNG cut short by a kill: left out
         return found
 
     def save(self, config: Ignored, name: str, image: np.ndarray) -> None:
