@@ -213,7 +213,7 @@ def _run_in(args, study, out: Path) -> int:
     from layerscan.report.document import write_report
     from layerscan.runner import run_study
 
-    from layerscan.clock import CLOCK, timing_line, timing_since
+    from layerscan.clock import CHECK, CLOCK, timing_line, timing_since
 
     started = CLOCK.snapshot()
     pool = None
@@ -227,8 +227,9 @@ def _run_in(args, study, out: Path) -> int:
         from layerscan.report.outputs import paste_forms
         from layerscan.target_check import check_after_run
 
-        outcome.target_check = check_after_run(
-            paste_forms(study.model, outcome.recommended, session.loaded), session.loaded.path)
+        with CLOCK.phase(CHECK):
+            outcome.target_check = check_after_run(
+                paste_forms(study.model, outcome.recommended, session.loaded), session.loaded.path)
     outcome.timing = timing_since(started)
     path = write_report(session, outcome, out)
     rec = outcome.recommended

@@ -29,9 +29,10 @@ SWITCH = "switching precision"
 SCORE = "scoring"
 SAVE = "saving outputs"
 PROXIES = "proxies"
+CHECK = "checking against the target's code"  # vLLM-Omni's own classes, in their environment
 REPORT = "writing the report"
 OTHER = "everything else"
-PHASES = (LOAD, PREPARE, GENERATE, COMPILE, SWITCH, SCORE, SAVE, PROXIES, REPORT)
+PHASES = (LOAD, PREPARE, GENERATE, COMPILE, SWITCH, SCORE, SAVE, PROXIES, CHECK, REPORT)
 GENERATION = (GENERATE, COMPILE)  # what making outputs costs, compilation included
 
 
