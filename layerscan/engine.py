@@ -98,9 +98,8 @@ class Fp8Engine:
         requantize = self.residency == "requantize"
         copied = self._masters is not None and self._masters.done
         if requantize and config is not None and not copied:
-            with CLOCK.phase(PREPARE, device):
-                self.start_master_copies()
-                self._masters.wait()  # no BF16 weight is freed before its CPU copy exists
+            self.start_master_copies()
+            self.finish_master_copies()  # no BF16 weight is freed before its CPU copy exists
         # BF16 everywhere while every layer is BF16: nothing to switch, and the CPU copies
         # (which set_precision would make on the spot) can be made in the background instead.
         unchanged = requantize and config is None and self.current is None and not copied

@@ -56,6 +56,7 @@ can be read against those gates:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -344,16 +345,12 @@ def _ssim(image: np.ndarray, reference: np.ndarray) -> float:
     return float(np.array(channels, dtype=np.float64).mean())
 
 
-_POOL = []
-
-
+@functools.cache
 def _channel_pool():
     """Three threads for SSIM's channels, made on first use and kept."""
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        _POOL.append(ThreadPoolExecutor(3, thread_name_prefix="layerscan-ssim"))
-    return _POOL[0]
+    return ThreadPoolExecutor(3, thread_name_prefix="layerscan-ssim")
 
 
 def _cosine(image: np.ndarray, reference: np.ndarray) -> float:

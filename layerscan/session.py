@@ -147,7 +147,8 @@ def open_session(
     if engine.residency == "requantize":
         warn("weights: BF16 and FP8 copies of the quantized layers do not fit side by side on "
              f"{loaded.device}; re-quantizing on every switch")
-    if study.compile or (study.compile is None and loaded.device.type == "cuda"):
+    compiled = study.compile or (study.compile is None and loaded.device.type == "cuda")
+    if compiled:
         compile_transformer(loaded.transformer)
     engine.apply(None)
     session = Session(study, loaded, engine, spec, scorer, metrics, cache_root)
@@ -156,7 +157,6 @@ def open_session(
     # denoising trajectory the proxies replay is recorded on the way, at the cost of a few copies
     # (of the first setting's: the proxies read one setting, see proxy_spec).
     parts = []
-    compiled = getattr(loaded.transformer, "_layerscan_compiled", False)
     if compiled:  # the requantize residency's CPU copies, beside the output that compiles
         engine.start_master_copies()
 

@@ -125,7 +125,7 @@ def _write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
         row_path.write_text(row_line + "\n", encoding="utf-8")
     else:  # a provisional answer is never left where a docs table would pick it up
         row_path.unlink(missing_ok=True)
-    grid = _images(session, outcome, out_dir, fp8_all, rec)
+    grid, missing = _images(session, outcome, out_dir, fp8_all, rec)
     cost = _cost(outcome)
     ci_entry = quality_test_entry(session, rec, outcome.final)
     ci_entry["python"] = render_entry(ci_entry)
@@ -161,7 +161,7 @@ def _write_report(session: Session, outcome: RunOutcome, out_dir: Path) -> Path:
         charts.append(("Quality vs BF16-kept weights", "pareto.png"))
 
     text = _markdown(session, outcome, display, header + row_line + "\n", fp8_all, charts, grid,
-                     ci_entry, speedup)
+                     _grid_note(session, fp8_all, missing), ci_entry, speedup)
     path = out_dir / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
@@ -210,7 +210,8 @@ def _summary(record: TrialRecord | None) -> dict | None:
             "passes": record.passes, "mean": record.mean, "worst": record.worst, "ci95": record.ci}
 
 
-def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) -> str | None:
+def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all,
+            rec) -> tuple[str | None, list[str]]:
     """The image grid (BF16, FP8 everywhere, recommended, with difference maps), or for a video
     pipeline the frame strips of the same clips, and the outputs behind it in ``images/`` (a
     video as one PNG of its frames side by side), taken from the evaluations.
@@ -219,14 +220,16 @@ def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) 
     cache.  A stopped evaluation (FP8 everywhere, typically) made only the outputs that proved
     its failure, so the grid may have fewer rows than ``GRID_PROMPTS``, and a configuration
     another worker of a shared study evaluated has its outputs in that worker's cache, so its
-    column is left out; ``_grid_note`` says which."""
+    column is left out.  Returns the grid's file name (None: no grid) and the columns left out
+    for that reason, which ``_grid_note`` names."""
     ledger, spec = outcome.ledger, session.spec
     columns = _grid_columns(fp8_all, rec)
     present = {title: ledger.outputs_on_disk(config) for title, config in columns}
-    columns = [(t, c) for t, c in columns if present[t]]  # none here: another worker's, or another cache's
+    missing = [t for t, _ in columns if not present[t]]  # another worker's, or another cache's
+    columns = [(t, c) for t, c in columns if present[t]]
     rows = [i for i in range(len(spec.items())) if all(i in present[t] for t, _ in columns)][:GRID_PROMPTS]
     if not rows or not columns:
-        return None
+        return None, missing
     found = {title: ledger.images_of(config, rows) for title, config in columns}
     image_dir = out_dir / "images"
     image_dir.mkdir(exist_ok=True)
@@ -238,9 +241,9 @@ def _images(session: Session, outcome: RunOutcome, out_dir: Path, fp8_all, rec) 
                  for i in rows]
     if session.loaded.video:
         frame_strips(grid_rows, out_dir / "frames.png")
-        return "frames.png"
+        return "frames.png", missing
     image_grid(grid_rows, out_dir / "images.png")
-    return "images.png"
+    return "images.png", missing
 
 
 _TITLES = {"FP8 all": "FP8 everywhere", "recommended": "the recommended configuration"}
@@ -256,10 +259,10 @@ def _grid_columns(fp8_all, rec) -> list[tuple[str, tuple | None]]:
     return columns
 
 
-def _grid_note(session: Session, outcome: RunOutcome, fp8_all, rec) -> str:
-    """Why the grid shows less than it could: FP8 everywhere stopped early, or a column whose
-    outputs are not in this run's cache."""
-    ledger, output = outcome.ledger, _output_word(session)
+def _grid_note(session: Session, fp8_all, missing: list[str]) -> str:
+    """Why the grid shows less than it could: FP8 everywhere stopped early, or columns whose
+    outputs are not in this run's cache (``missing``, as ``_images`` found them)."""
+    output = _output_word(session)
     note = ""
     shown = min(GRID_PROMPTS, len(session.spec.items()))
     if fp8_all is not None and fp8_all.status == "stopped" and len(fp8_all.per_prompt) < shown:
@@ -267,10 +270,8 @@ def _grid_note(session: Session, outcome: RunOutcome, fp8_all, rec) -> str:
         note += (f" FP8 everywhere was stopped after {made} {output}(s), once they proved its "
                  "failure; the report generates nothing of its own, so the grid shows "
                  f"{'that one' if made == 1 else 'those'}.")
-    absent = [title for title, config in _grid_columns(fp8_all, rec)[1:]
-              if not ledger.outputs_on_disk(config)]
-    if absent:
-        note += (f" Not shown: {' and '.join(_TITLES[t] for t in absent)}, whose {output}s are not in this run's cache "
+    if missing:
+        note += (f" Not shown: {' and '.join(_TITLES[t] for t in missing)}, whose {output}s are not in this run's cache "
                  "(evaluated by another worker of a shared study, or under another cache).")
     return note
 
@@ -542,7 +543,8 @@ def _check_line(check: dict | None) -> str:
     return check["line"]
 
 
-def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_entry, speedup) -> str:
+def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, grid_note, ci_entry,
+              speedup) -> str:
     study, loaded, crit = session.study, session.loaded, session.criterion
     rec, ledger = outcome.recommended, outcome.ledger
     spec, names = session.spec, session.spec.setting_names()
@@ -682,10 +684,10 @@ def _markdown(session, outcome, display, row_table, fp8_all, charts, grid, ci_en
                 f"frames (frames {', '.join(map(str, strip_frames(frames)))} of {frames}), each "
                 "FP8 row followed by its absolute-difference heat maps against BF16. Every frame is "
                 "scored: the metrics are means over all frames, and `temporal` is the flicker FP8 "
-                "adds from frame to frame." + _grid_note(session, outcome, fp8_all, rec), "", f"![frames]({grid})", ""]
+                "adds from frame to frame." + grid_note, "", f"![frames]({grid})", ""]
     elif grid:
         out += ["## Images", "", "BF16, FP8 everywhere and the recommended configuration, with "
-                "absolute-difference heat maps against BF16." + _grid_note(session, outcome, fp8_all, rec), "",
+                "absolute-difference heat maps against BF16." + grid_note, "",
                 f"![images]({grid})", ""]
     out += ["## Files", "", "- `recommendation.json`: the config to paste, with its numbers",
             "- `row.md`: the supported-models table row", "- `trials.csv`: every configuration",
